@@ -1,0 +1,78 @@
+"""Opening the index: SQLite (default, WAL) or PostgreSQL by URL, schema created and versioned at start."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from peewee import Database, PostgresqlDatabase, SqliteDatabase
+from playhouse.db_url import connect as connect_url
+
+from node.archive.models import ALL_MODELS, SCHEMA_VERSION, Property, database
+
+#: SQLite settings: WAL lets readers (REST, C-FIND) run while a C-STORE commits; synchronous=FULL makes each
+#: commit durable on its own (the SCP answers Success only after it); busy_timeout queues writers of several
+#: receiver processes instead of failing them.
+SQLITE_PRAGMAS = {
+    "journal_mode": "wal",
+    "synchronous": "full",
+    "busy_timeout": 60000,
+    "foreign_keys": 1,
+    "cache_size": -16000,
+}
+
+
+class SchemaError(RuntimeError):
+    """The index was written by a newer dicom-node, or cannot be migrated."""
+
+
+def connect(url: str) -> Database:
+    """A peewee database for ``sqlite:///path`` or ``postgresql://…`` (bound to the models)."""
+    if url.startswith("sqlite:///"):
+        path = Path(url[len("sqlite:///") :])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        db: Database = SqliteDatabase(str(path), pragmas=SQLITE_PRAGMAS, timeout=60)
+    else:
+        db = connect_url(url)
+    database.initialize(db)
+    return db
+
+
+def open_index(url: str) -> Database:
+    """Connect, create missing tables, check and record the schema version."""
+    db = connect(url)
+    with db.connection_context(), db.atomic():
+        db.create_tables(ALL_MODELS, safe=True)
+        row = Property.get_or_none(Property.key == "SchemaVersion")
+        if row is None:
+            Property.create(key="SchemaVersion", value=str(SCHEMA_VERSION))
+        elif int(row.value) > SCHEMA_VERSION:
+            raise SchemaError(
+                f"the index at {url} has schema version {row.value}, newer than this dicom-node "
+                f"({SCHEMA_VERSION}): upgrade dicom-node"
+            )
+        elif int(row.value) < SCHEMA_VERSION:
+            migrate(db, int(row.value))
+    return db
+
+
+def migrate(db: Database, from_version: int) -> None:
+    """Bring an older index up to :data:`SCHEMA_VERSION` (no older version exists yet)."""
+    raise SchemaError(f"no migration from schema version {from_version} to {SCHEMA_VERSION}")
+
+
+@contextlib.contextmanager
+def write_transaction(db: Database) -> Iterator[Any]:
+    """A transaction that takes the write lock up front on SQLite (no deadlock on lock upgrade)."""
+    if isinstance(db, SqliteDatabase):
+        with db.atomic("IMMEDIATE") as tx:
+            yield tx
+    else:
+        with db.atomic() as tx:
+            yield tx
+
+
+def is_postgres(db: Database) -> bool:
+    return isinstance(db, PostgresqlDatabase)

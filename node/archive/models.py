@@ -1,0 +1,112 @@
+"""The index: one table per DICOM level, the changes log, global properties and files awaiting deletion.
+
+Each level keeps Orthanc's public ID (SHA-1 of the DICOM identifiers, :mod:`node.dicom.ids`), its main DICOM
+tags as JSON (what REST shows and C-FIND answers) and, as real indexed columns, the few tags that queries filter
+on, so the common C-FIND and REST lookups never scan.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from peewee import (
+    AutoField,
+    BigIntegerField,
+    CharField,
+    DatabaseProxy,
+    DateTimeField,
+    ForeignKeyField,
+    IntegerField,
+    Model,
+    TextField,
+)
+
+database = DatabaseProxy()
+
+#: Bumped whenever the tables change; :func:`node.archive.db.migrate` knows how to get from each older one.
+SCHEMA_VERSION = 1
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC).replace(tzinfo=None)
+
+
+class BaseModel(Model):
+    class Meta:
+        database = database
+        legacy_table_names = False
+
+
+class Patient(BaseModel):
+    id = AutoField()
+    public_id = CharField(max_length=44, unique=True)
+    patient_id = CharField(index=True)  # DICOM PatientID ("" when absent)
+    patient_name = CharField(index=True, default="")
+    main_tags = TextField()  # JSON {keyword: value}
+    last_update = DateTimeField(default=utcnow)
+
+
+class Study(BaseModel):
+    id = AutoField()
+    public_id = CharField(max_length=44, unique=True)
+    patient = ForeignKeyField(Patient, backref="studies", on_delete="CASCADE")
+    study_uid = CharField(index=True)
+    study_date = CharField(index=True, default="")
+    accession_number = CharField(index=True, default="")
+    main_tags = TextField()
+    last_update = DateTimeField(default=utcnow, index=True)
+
+
+class Series(BaseModel):
+    id = AutoField()
+    public_id = CharField(max_length=44, unique=True)
+    study = ForeignKeyField(Study, backref="series", on_delete="CASCADE")
+    series_uid = CharField(index=True)
+    modality = CharField(index=True, default="")
+    main_tags = TextField()
+    last_update = DateTimeField(default=utcnow, index=True)
+
+
+class Instance(BaseModel):
+    id = AutoField()
+    public_id = CharField(max_length=44, unique=True)
+    series = ForeignKeyField(Series, backref="instances", on_delete="CASCADE")
+    sop_uid = CharField(index=True)
+    main_tags = TextField()
+    file_uuid = CharField(max_length=36, unique=True)
+    file_size = BigIntegerField()
+    file_sha256 = CharField(max_length=64)
+    transfer_syntax = CharField(default="")
+    sop_class_uid = CharField(default="")
+    index_in_series = IntegerField(null=True)
+    origin = CharField(default="")  # DicomProtocol, RestApi, Plugins… (Orthanc's vocabulary)
+    remote_aet = CharField(default="")
+    called_aet = CharField(default="")
+    remote_ip = CharField(default="")
+    received_at = DateTimeField(default=utcnow)
+
+
+class Change(BaseModel):
+    """Orthanc's ``/changes`` log: what later triggers (routing, stable series/study) read in order."""
+
+    seq = AutoField()
+    change_type = CharField()  # NewInstance, NewSeries, NewStudy, NewPatient, StableSeries, …
+    level = CharField()  # Patient, Study, Series, Instance
+    public_id = CharField(max_length=44, index=True)
+    date = DateTimeField(default=utcnow)
+
+
+class Property(BaseModel):
+    """Global properties (schema version, later the Anonymized<N> counter)."""
+
+    key = CharField(primary_key=True)
+    value = TextField()
+
+
+class Garbage(BaseModel):
+    """Files whose index rows are gone in a committed transaction and that still have to be unlinked."""
+
+    file_uuid = CharField(max_length=36, primary_key=True)
+
+
+ALL_MODELS = (Patient, Study, Series, Instance, Change, Property, Garbage)

@@ -1,0 +1,421 @@
+"""Configuration: Orthanc-style JSON (comments allowed), validated at start, overridable by flags and env vars.
+
+An Orthanc user recognises the keys: where a concept is the same we use Orthanc's name, so an existing
+``orthanc.json`` starts the node (keys Orthanc knows that we do not implement yet are accepted with a warning).
+A key nobody knows is a typo and stops the node with a message naming the key and the file, because a
+silently ignored ``"OverwriteInstance": true`` is how archives end up behaving unlike what the admin wrote.
+
+Relative paths are resolved against the folder of the configuration file, as Orthanc does; without a file
+(the embedded default) against the working directory.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+#: Our keys with their defaults. ``conf/node.json`` holds exactly these values (a test keeps them in step).
+DEFAULTS: dict[str, Any] = {
+    "Name": "dicom-node",
+    "DicomAet": "DICOMNODE",
+    "DicomPort": 4242,
+    "DicomListenAddress": "0.0.0.0",
+    "HttpPort": 8042,
+    "StorageDirectory": "dicom-node-data/storage",
+    "IndexDirectory": "dicom-node-data",
+    "Database": "",
+    "OverwriteInstances": False,
+    "DicomModalities": {},
+    "DicomCheckCalledAet": False,
+    "DicomAlwaysAllowEcho": True,
+    "DicomAlwaysAllowStore": True,
+    "DicomCheckModalityHost": False,
+    "StrictAetComparison": False,
+    "UnknownSopClassAccepted": True,
+    "AcceptedTransferSyntaxes": ["*"],
+    "StableAge": 60,
+    "DicomThreadsCount": 32,
+    "DicomReceiverProcesses": 0,
+    "DicomScpTimeout": 30,
+    "MaximumPduLength": 4194304,
+    "SyncStorageArea": True,
+}
+
+#: Keys of Orthanc 1.10's configuration (and its common plugin sections) that we accept but do not implement
+#: yet: the node starts and says which ones it ignores.
+ORTHANC_KNOWN = frozenset(
+    [
+        "TemporaryDirectory",
+        "StorageCompression",
+        "MaximumStorageSize",
+        "MaximumPatientCount",
+        "MaximumStorageMode",
+        "MaximumStorageCacheSize",
+        "LuaScripts",
+        "LuaHeartBeatPeriod",
+        "Plugins",
+        "ConcurrentJobs",
+        "JobsEngineThreadsCount",
+        "HttpServerEnabled",
+        "HttpDescribeErrors",
+        "HttpCompressionEnabled",
+        "WebDavEnabled",
+        "WebDavDeleteAllowed",
+        "WebDavUploadAllowed",
+        "DicomServerEnabled",
+        "DefaultEncoding",
+        "DeflatedTransferSyntaxAccepted",
+        "JpegTransferSyntaxAccepted",
+        "Jpeg2000TransferSyntaxAccepted",
+        "JpegLosslessTransferSyntaxAccepted",
+        "JpipTransferSyntaxAccepted",
+        "Mpeg2TransferSyntaxAccepted",
+        "RleTransferSyntaxAccepted",
+        "Mpeg4TransferSyntaxAccepted",
+        "H265TransferSyntaxAccepted",
+        "RemoteAccessAllowed",
+        "SslEnabled",
+        "SslCertificate",
+        "SslMinimumProtocolVersion",
+        "SslVerifyPeers",
+        "SslTrustedClientCertificates",
+        "AuthenticationEnabled",
+        "RegisteredUsers",
+        "DicomTlsEnabled",
+        "DicomTlsCertificate",
+        "DicomTlsPrivateKey",
+        "DicomTlsTrustedCertificates",
+        "DicomTlsRemoteCertificateRequired",
+        "DicomTlsMinimumProtocolVersion",
+        "DicomTlsCiphersAccepted",
+        "DicomAlwaysAllowFind",
+        "DicomAlwaysAllowFindWorklist",
+        "DicomAlwaysAllowGet",
+        "DicomAlwaysAllowMove",
+        "DicomModalitiesInDatabase",
+        "DicomEchoChecksFind",
+        "DicomScuTimeout",
+        "DicomScuPreferredTransferSyntax",
+        "OrthancPeers",
+        "OrthancPeersInDatabase",
+        "HttpProxy",
+        "HttpVerbose",
+        "HttpTimeout",
+        "HttpsVerifyPeers",
+        "HttpsCACertificates",
+        "UserMetadata",
+        "UserContentType",
+        "StoreMD5ForAttachments",
+        "LimitFindResults",
+        "LimitFindInstances",
+        "LogExportedResources",
+        "KeepAlive",
+        "KeepAliveTimeout",
+        "TcpNoDelay",
+        "HttpThreadsCount",
+        "StoreDicom",
+        "DicomAssociationCloseDelay",
+        "QueryRetrieveSize",
+        "CaseSensitivePN",
+        "LoadPrivateDictionary",
+        "Dictionary",
+        "SynchronousCMove",
+        "JobsHistorySize",
+        "SaveJobs",
+        "MediaArchiveSize",
+        "StorageAccessOnFind",
+        "MetricsEnabled",
+        "ExecuteLuaEnabled",
+        "RestApiWriteToFileSystemEnabled",
+        "HttpRequestTimeout",
+        "DefaultPrivateCreator",
+        "StorageCommitmentReportsSize",
+        "TranscodeDicomProtocol",
+        "BuiltinDecoderTranscoderOrder",
+        "IngestTranscoding",
+        "IngestTranscodingOfUncompressed",
+        "IngestTranscodingOfCompressed",
+        "DicomLossyTranscodingQuality",
+        "MallocArenaMax",
+        "DeidentifyLogs",
+        "DeidentifyLogsDicomVersion",
+        "CheckRevisions",
+        "SynchronousZipStream",
+        "ZipLoaderThreads",
+        "Warnings",
+        "OverwriteInstances",
+        "ExtraMainDicomTags",
+        "MaximumPduLength",
+        "StorageDirectory",
+        "IndexDirectory",
+        "DicomWeb",
+        "PostgreSQL",
+        "MySQL",
+        "Odbc",
+        "Worklists",
+        "Gdcm",
+        "Transfers",
+        "OrthancExplorer2",
+        "Authorization",
+        "Python",
+        "ServeFolders",
+        "WebViewer",
+        "StoneWebViewer",
+        "OrthancWebViewer",
+        "Housekeeper",
+        "DelayedDeletion",
+        "Indexer",
+        "AdvancedStorage",
+        "S3",
+        "AzureBlobStorage",
+        "GoogleCloudStorage",
+        "Wsi",
+        "Tcia",
+        "Ohif",
+        "VolView",
+    ]
+) - frozenset(DEFAULTS)
+
+_ENV_PREFIX = "DICOM_NODE_"
+
+
+class ConfigError(ValueError):
+    """The configuration cannot be used; the message names the key and the file."""
+
+
+@dataclass(frozen=True, slots=True)
+class Modality:
+    """A remote DICOM node declared in ``DicomModalities``."""
+
+    name: str
+    aet: str
+    host: str
+    port: int
+    allow_echo: bool = True
+    allow_store: bool = True
+    allow_find: bool = True
+    allow_move: bool = True
+    allow_get: bool = True
+
+
+@dataclass(frozen=True)
+class Config:
+    """The validated configuration (``values`` holds every key, defaults included)."""
+
+    values: dict[str, Any]
+    source: str = "<defaults>"
+    base_dir: Path = field(default_factory=Path.cwd)
+    warnings: tuple[str, ...] = ()
+    modalities: tuple[Modality, ...] = ()
+
+    def __getitem__(self, key: str) -> Any:
+        return self.values[key]
+
+    def path(self, key: str) -> Path:
+        """A path-valued key, resolved against the config file's folder (Orthanc's rule)."""
+        return (self.base_dir / os.path.expanduser(self.values[key])).resolve()
+
+    @property
+    def storage_dir(self) -> Path:
+        return self.path("StorageDirectory")
+
+    @property
+    def database_url(self) -> str:
+        """``Database`` if set, else the SQLite file ``index.db`` under ``IndexDirectory``."""
+        if self.values["Database"]:
+            return str(self.values["Database"])
+        return "sqlite:///" + str(self.path("IndexDirectory") / "index.db")
+
+
+def strip_json_comments(text: str) -> str:
+    """Remove ``//`` and ``/* */`` comments outside strings (Orthanc's files carry many)."""
+    out: list[str] = []
+    i, n = 0, len(text)
+    while i < n:
+        c = text[i]
+        if c == '"':
+            j = i + 1
+            while j < n and text[j] != '"':
+                j += 2 if text[j] == "\\" else 1
+            out.append(text[i : j + 1])
+            i = j + 1
+        elif text.startswith("//", i):
+            j = text.find("\n", i)
+            i = n if j < 0 else j
+        elif text.startswith("/*", i):
+            j = text.find("*/", i + 2)
+            if j < 0:
+                raise ValueError("unterminated /* comment")
+            out.append("\n" * text.count("\n", i, j))  # keep line numbers for json's error messages
+            i = j + 2
+        else:
+            out.append(c)
+            i += 1
+    return "".join(out)
+
+
+def load_file(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Parse a JSON configuration file with comments; errors name the file."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{p}: cannot read the configuration file: {exc.strerror or exc}") from exc
+    try:
+        data = json.loads(strip_json_comments(text))
+    except ValueError as exc:
+        raise ConfigError(f"{p}: not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: the configuration must be a JSON object")
+    return data
+
+
+def env_key(key: str) -> str:
+    """``DicomPort`` -> ``DICOM_NODE_DICOM_PORT`` (how containers override a key)."""
+    return _ENV_PREFIX + re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", key).upper()
+
+
+def flag_name(key: str) -> str:
+    """``DicomPort`` -> ``--dicom-port`` (how the command line overrides a key)."""
+    return "--" + re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "-", key).lower()
+
+
+def parse_override(key: str, raw: str) -> Any:
+    """A flag or env value: JSON when it parses (numbers, booleans, objects), else the plain string."""
+    if isinstance(DEFAULTS.get(key), str):
+        return raw
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return raw
+
+
+def _check_type(key: str, value: Any, where: str) -> None:
+    default = DEFAULTS[key]
+    expected: type | tuple[type, ...] = type(default)
+    ok = isinstance(value, expected) and not (expected is int and isinstance(value, bool))
+    if not ok:
+        raise ConfigError(
+            f"{where}: key {key!r} must be {type(default).__name__} (like {json.dumps(default)}), "
+            f"got {json.dumps(value)}"
+        )
+
+
+def _parse_modalities(raw: dict[str, Any], where: str) -> tuple[Modality, ...]:
+    mods = []
+    for name, spec in raw.items():
+        ctx = f"{where}: DicomModalities[{name!r}]"
+        if isinstance(spec, list):
+            if len(spec) < 3 or not all(isinstance(x, (str, int)) for x in spec[:3]):
+                raise ConfigError(f"{ctx} must be [AET, host, port] or an object")
+            aet, host, port = spec[0], spec[1], spec[2]
+            opts: dict[str, Any] = {}
+        elif isinstance(spec, dict):
+            missing = [k for k in ("AET", "Host", "Port") if k not in spec]
+            if missing:
+                raise ConfigError(f"{ctx} lacks {', '.join(missing)}")
+            aet, host, port = spec["AET"], spec["Host"], spec["Port"]
+            opts = spec
+        else:
+            raise ConfigError(f"{ctx} must be [AET, host, port] or an object")
+        try:
+            port = int(port)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{ctx}: port {port!r} is not a number") from None
+        if not isinstance(aet, str) or not 0 < len(aet.strip()) <= 16:
+            raise ConfigError(f"{ctx}: AET {aet!r} must be 1 to 16 characters")
+        if not 0 < port < 65536:
+            raise ConfigError(f"{ctx}: port {port} out of range")
+        flags = {}
+        for key, attr in (
+            ("AllowEcho", "allow_echo"), ("AllowStore", "allow_store"), ("AllowFind", "allow_find"),
+            ("AllowMove", "allow_move"), ("AllowGet", "allow_get"),
+        ):  # fmt: skip
+            if key in opts:
+                if not isinstance(opts[key], bool):
+                    raise ConfigError(f"{ctx}: {key} must be true or false")
+                flags[attr] = opts[key]
+        mods.append(Modality(name=name, aet=aet.strip(), host=str(host), port=port, **flags))
+    return tuple(mods)
+
+
+def build(
+    file: str | os.PathLike[str] | None = None,
+    overrides: dict[str, Any] | None = None,
+    environ: dict[str, str] | None = None,
+) -> Config:
+    """Defaults <- file <- environment (``DICOM_NODE_*``) <- command-line overrides, then validate."""
+    values = copy.deepcopy(DEFAULTS)
+    warnings: list[str] = []
+    source = "<defaults>"
+    base_dir = Path.cwd()
+    if file is not None:
+        source = str(file)
+        base_dir = Path(file).resolve().parent
+        for key, value in load_file(file).items():
+            if key in DEFAULTS:
+                _check_type(key, value, source)
+                values[key] = value
+            elif key in ORTHANC_KNOWN:
+                warnings.append(f"{source}: key {key!r} is an Orthanc option dicom-node does not support yet; ignored")
+            else:
+                close = difflib.get_close_matches(key, [*DEFAULTS, *ORTHANC_KNOWN], n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise ConfigError(f"{source}: unknown key {key!r}{hint}")
+    environ = os.environ if environ is None else environ
+    for key in DEFAULTS:
+        name = env_key(key)
+        if name in environ:
+            value = parse_override(key, environ[name])
+            _check_type(key, value, f"environment variable {name}")
+            values[key] = value
+    for key, value in (overrides or {}).items():
+        if key not in DEFAULTS:
+            raise ConfigError(f"command line: unknown key {key!r}")
+        _check_type(key, value, f"command line ({flag_name(key)})")
+        values[key] = value
+    return _validate(values, source, base_dir, warnings)
+
+
+def _validate(values: dict[str, Any], source: str, base_dir: Path, warnings: list[str]) -> Config:
+    aet = values["DicomAet"]
+    if not 0 < len(aet.strip()) <= 16 or "\\" in aet:
+        raise ConfigError(f"{source}: key 'DicomAet' must be 1 to 16 characters without backslash, got {aet!r}")
+    for key in ("DicomPort", "HttpPort"):
+        if not 0 <= values[key] < 65536:
+            raise ConfigError(f"{source}: key {key!r} must be a TCP port (0-65535), got {values[key]}")
+    for key in ("DicomThreadsCount", "DicomScpTimeout"):
+        if values[key] < 1:
+            raise ConfigError(f"{source}: key {key!r} must be at least 1, got {values[key]}")
+    if values["DicomReceiverProcesses"] < 0:
+        raise ConfigError(f"{source}: key 'DicomReceiverProcesses' must be 0 (automatic) or more")
+    if values["MaximumPduLength"] != 0 and not 4096 <= values["MaximumPduLength"] <= 2**31:
+        raise ConfigError(f"{source}: key 'MaximumPduLength' must be 0 (unlimited) or 4096..2^31")
+    if values["StableAge"] <= 0:
+        values["StableAge"] = 60  # Orthanc: <= 0 means 60
+    url = values["Database"]
+    if url and not url.startswith(("sqlite:///", "postgresql://", "postgres://")):
+        raise ConfigError(f"{source}: key 'Database' must be a sqlite:///… or postgresql://… URL, got {url!r}")
+    if not all(isinstance(t, str) for t in values["AcceptedTransferSyntaxes"]):
+        raise ConfigError(f"{source}: key 'AcceptedTransferSyntaxes' must be a list of UIDs (wildcards allowed)")
+    modalities = _parse_modalities(values["DicomModalities"], source)
+    cfg = Config(values=values, source=source, base_dir=base_dir, warnings=tuple(warnings), modalities=modalities)
+    for key in ("StorageDirectory", "IndexDirectory"):
+        _check_dir(cfg.path(key), key, source)
+    return cfg
+
+
+def _check_dir(path: Path, key: str, source: str) -> None:
+    """The folder must exist or be creatable, and be writable: fail at start, not on the first C-STORE."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"{source}: key {key!r}: cannot create {path}: {exc.strerror or exc}") from exc
+    if not path.is_dir() or not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError(f"{source}: key {key!r}: {path} is not a writable folder")

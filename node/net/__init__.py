@@ -1,0 +1,1 @@
+"""DICOM networking with pynetdicom: the SCP that receives into the archive, the SCU that sends from it."""

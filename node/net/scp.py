@@ -1,0 +1,244 @@
+"""The C-STORE / C-ECHO SCP: one small handler per DIMSE service, bound to pynetdicom events.
+
+Incoming C-STORE data is spooled by pynetdicom straight into a file of the storage area
+(``STORE_RECV_CHUNKED_DATASET``), so a 500 MB multi-frame instance costs no more memory than a 10 KB one and the
+bytes stored are exactly the dataset as received, in its transfer syntax, behind a file meta header.  The
+handler then reads only the tags the index needs and hands the file to :func:`node.archive.store.store`, which
+answers only once file and index row are durable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pynetdicom.dimse_messages
+from peewee import PeeweeException
+from pydicom.dataset import Dataset
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, evt
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.transport import ThreadedAssociationServer
+
+from node import logs
+from node.archive.storage import FileStorage, SpoolFile, is_disk_error
+from node.archive.store import Archive, Origin, elapsed_ms, store
+from node.dicom.maintags import MalformedDataset, read_index_tags
+from node.net.access import AccessPolicy
+
+log = logs.get("dicom-node.scp")
+
+# DIMSE statuses we answer (PS3.4 B.2.3 and PS3.7 C).
+SUCCESS = 0x0000
+REFUSED_NOT_AUTHORIZED = 0x0124
+OUT_OF_RESOURCES = 0xA700
+CANNOT_UNDERSTAND = 0xC000
+
+
+def _status(code: int, comment: str) -> Dataset:
+    ds = Dataset()
+    ds.Status = code
+    ds.ErrorComment = comment[:64]  # LO: 64 characters at most
+    return ds
+
+
+class _SpoolRegistry:
+    """Hands pynetdicom our :class:`SpoolFile` instead of a ``NamedTemporaryFile`` and finds it again by path.
+
+    pynetdicom creates the temporary file through the name ``NamedTemporaryFile`` of its ``dimse_messages``
+    module; replacing that name is the one hook that puts the file on our filesystem (so publishing it is a
+    rename, not a copy), hashes it while it arrives and turns a full disk into a clean 0xA700.  The handler gets
+    the path from the public ``event.dataset_path``.  ``tests/test_scp.py`` pins this pynetdicom behaviour.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._by_path: dict[str, SpoolFile] = {}
+        self.storage: FileStorage | None = None
+
+    def install(self, storage: FileStorage) -> None:
+        self.storage = storage
+        _config.STORE_RECV_CHUNKED_DATASET = True
+        pynetdicom.dimse_messages.NamedTemporaryFile = self._new  # type: ignore[attr-defined,assignment]
+
+    def _new(self, *args: Any, **kwargs: Any) -> SpoolFile:
+        assert self.storage is not None
+        spool = self.storage.new_spool()
+        with self._lock:
+            self._by_path[spool.name] = spool
+        return spool
+
+    def take(self, path: str) -> SpoolFile:
+        with self._lock:
+            return self._by_path.pop(path)
+
+
+SPOOLS = _SpoolRegistry()
+
+
+@dataclass
+class _AssocStats:
+    opened: float = field(default_factory=time.perf_counter)
+    stored: int = 0
+    failed: int = 0
+    bytes: int = 0
+
+
+@dataclass
+class StoreSCP:
+    """The event handlers of one running SCP (plain functions over shared state)."""
+
+    archive: Archive
+    policy: AccessPolicy
+    aet: str
+    _stats: weakref.WeakKeyDictionary[Any, _AssocStats] = field(default_factory=weakref.WeakKeyDictionary)
+
+    # -- association events -------------------------------------------------------------------------------
+    def on_requested(self, event: evt.Event) -> None:
+        rq = event.assoc.requestor
+        if not self.policy.may_associate(rq.ae_title, rq.address):
+            log.warning("association refused", peer_aet=rq.ae_title, peer=f"{rq.address}:{rq.port}",
+                        reason="calling AE title not allowed")  # fmt: skip
+            event.assoc.acse.send_reject(0x01, 0x01, 0x03)  # permanent, service user, calling AE not recognised
+
+    def on_established(self, event: evt.Event) -> None:
+        rq = event.assoc.requestor
+        sock = getattr(event.assoc.dul.socket, "socket", None)
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._stats[event.assoc] = _AssocStats()
+        log.info("association opened", peer_aet=rq.ae_title, peer=f"{rq.address}:{rq.port}",
+                 called_aet=event.assoc.acceptor.ae_title, contexts=len(event.assoc.accepted_contexts))  # fmt: skip
+
+    def on_closed(self, event: evt.Event) -> None:
+        st = self._stats.pop(event.assoc, None)
+        if st is None:
+            return
+        rq = event.assoc.requestor
+        how = "aborted" if event.event is evt.EVT_ABORTED else "released"
+        log.info("association closed", peer_aet=rq.ae_title, peer=f"{rq.address}:{rq.port}", how=how,
+                 stored=st.stored, failed=st.failed, bytes=st.bytes, ms=elapsed_ms(st.opened))  # fmt: skip
+
+    # -- DIMSE services -----------------------------------------------------------------------------------
+    def on_echo(self, event: evt.Event) -> int:
+        rq = event.assoc.requestor
+        if not self.policy.may_echo(rq.ae_title, rq.address):
+            return REFUSED_NOT_AUTHORIZED
+        return SUCCESS
+
+    def on_store(self, event: evt.Event) -> int | Dataset:
+        t0 = time.perf_counter()
+        spool = SPOOLS.take(str(event.dataset_path))
+        rq = event.assoc.requestor
+        sop_uid = str(event.request.AffectedSOPInstanceUID or "")
+        st = self._stats.get(event.assoc) or _AssocStats()
+        fail = self._failure(event, spool, sop_uid, t0, st)
+        if not self.policy.may_store(rq.ae_title, rq.address):
+            return fail(REFUSED_NOT_AUTHORIZED, "calling AE title is not allowed to store", "refused")
+        if spool.error is not None:
+            return fail(OUT_OF_RESOURCES, f"storage write failed: {spool.error.strerror}", "disk")
+        try:
+            tags = read_index_tags(spool.name)
+        except MalformedDataset as exc:
+            return fail(CANNOT_UNDERSTAND, str(exc), "malformed")
+        except OSError as exc:
+            return fail(OUT_OF_RESOURCES, f"storage read failed: {exc.strerror}", "disk")
+        if tags.sop_uid != sop_uid:
+            log.warning("SOPInstanceUID differs from the C-STORE request", request_uid=sop_uid,
+                        dataset_uid=tags.sop_uid, peer_aet=rq.ae_title)  # fmt: skip
+        origin = Origin("DicomProtocol", rq.ae_title.strip(), event.assoc.acceptor.ae_title.strip(), rq.address)
+        try:
+            result = store(self.archive, spool, tags, origin)
+        except (OSError, PeeweeException) as exc:
+            kind = "disk" if isinstance(exc, OSError) else "database"
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            if isinstance(exc, OSError) and not is_disk_error(exc):
+                kind = "io"
+            return fail(OUT_OF_RESOURCES, f"{kind} failure: {why}", kind)
+        st.stored += 1
+        st.bytes += result.size
+        log.info("stored", sop_instance_uid=tags.sop_uid, status=result.status, instance=result.ids.instance,
+                 series=result.ids.series, study=result.ids.study, patient=result.ids.patient,
+                 bytes=result.size, peer_aet=rq.ae_title, ms=elapsed_ms(t0))  # fmt: skip
+        return SUCCESS
+
+    def _failure(
+        self, event: evt.Event, spool: SpoolFile, sop_uid: str, t0: float, st: _AssocStats
+    ) -> Callable[[int, str, str], Dataset]:
+        def fail(code: int, comment: str, reason: str) -> Dataset:
+            spool.close()
+            assert SPOOLS.storage is not None
+            SPOOLS.storage.discard_spool(spool.uuid)
+            st.failed += 1
+            log.warning("store failed", sop_instance_uid=sop_uid, status=f"0x{code:04X}", reason=reason,
+                        error=comment, peer_aet=event.assoc.requestor.ae_title, ms=elapsed_ms(t0))  # fmt: skip
+            return _status(code, comment)
+
+        return fail
+
+    def handlers(self) -> list[tuple[Any, Callable[..., Any]]]:
+        return [
+            (evt.EVT_REQUESTED, self.on_requested),
+            (evt.EVT_ESTABLISHED, self.on_established),
+            (evt.EVT_RELEASED, self.on_closed),
+            (evt.EVT_ABORTED, self.on_closed),
+            (evt.EVT_C_ECHO, self.on_echo),
+            (evt.EVT_C_STORE, self.on_store),
+        ]
+
+
+class ReusePortServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server, with SO_REUSEPORT so several receiver processes can share one port."""
+
+    reuse_port = False
+
+    def server_bind(self) -> None:
+        if self.reuse_port and hasattr(socket, "SO_REUSEPORT"):
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        client, address = super().get_request()
+        client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return client, address
+
+
+def make_ae(aet: str, *, max_pdu: int, timeout: float, max_assoc: int, check_called_aet: bool,
+            unknown_sop_classes: bool) -> AE:  # fmt: skip
+    """The application entity: every storage class pynetdicom knows in every transfer syntax, plus echo."""
+    ae = AE(ae_title=aet)
+    ae.maximum_pdu_size = max_pdu
+    ae.maximum_associations = max_assoc
+    ae.network_timeout = timeout
+    ae.acse_timeout = timeout
+    ae.dimse_timeout = timeout
+    ae.require_called_aet = check_called_aet
+    for cx in AllStoragePresentationContexts:
+        ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+    ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
+    # Unknown and private SOP classes are negotiated as storage (their first proposed transfer syntax).
+    _config.UNRESTRICTED_STORAGE_SERVICE = unknown_sop_classes
+    # pynetdicom's default handlers format a log record for every PDU and DIMSE message even when nothing
+    # is shown: a large share of its CPU time per instance. We log our own events instead.
+    _config.LOG_HANDLER_LEVEL = "none"
+    return ae
+
+
+def start_server(ae: AE, scp: StoreSCP, host: str, port: int, *, reuse_port: bool = False) -> ReusePortServer:
+    """Bind and serve in a background thread; return the server (``shutdown()`` stops it)."""
+
+    class _Server(ReusePortServer):
+        pass
+
+    _Server.reuse_port = reuse_port
+    SPOOLS.install(scp.archive.storage)
+    server = ae.make_server((host, port), evt_handlers=scp.handlers(), server_class=_Server)
+    thread = threading.Thread(target=server.serve_forever, name=f"dicom-scp:{port}", daemon=True)
+    thread.start()
+    return server  # type: ignore[return-value]
