@@ -38,7 +38,6 @@ DEFAULTS: dict[str, Any] = {
     "DicomCheckModalityHost": False,
     "StrictAetComparison": False,
     "UnknownSopClassAccepted": True,
-    "AcceptedTransferSyntaxes": ["*"],
     "StableAge": 60,
     "DicomThreadsCount": 32,
     "DicomReceiverProcesses": 0,
@@ -50,136 +49,33 @@ DEFAULTS: dict[str, Any] = {
 #: Keys of Orthanc 1.10's configuration (and its common plugin sections) that we accept but do not implement
 #: yet: the node starts and says which ones it ignores.
 ORTHANC_KNOWN = frozenset(
-    [
-        "TemporaryDirectory",
-        "StorageCompression",
-        "MaximumStorageSize",
-        "MaximumPatientCount",
-        "MaximumStorageMode",
-        "MaximumStorageCacheSize",
-        "LuaScripts",
-        "LuaHeartBeatPeriod",
-        "Plugins",
-        "ConcurrentJobs",
-        "JobsEngineThreadsCount",
-        "HttpServerEnabled",
-        "HttpDescribeErrors",
-        "HttpCompressionEnabled",
-        "WebDavEnabled",
-        "WebDavDeleteAllowed",
-        "WebDavUploadAllowed",
-        "DicomServerEnabled",
-        "DefaultEncoding",
-        "DeflatedTransferSyntaxAccepted",
-        "JpegTransferSyntaxAccepted",
-        "Jpeg2000TransferSyntaxAccepted",
-        "JpegLosslessTransferSyntaxAccepted",
-        "JpipTransferSyntaxAccepted",
-        "Mpeg2TransferSyntaxAccepted",
-        "RleTransferSyntaxAccepted",
-        "Mpeg4TransferSyntaxAccepted",
-        "H265TransferSyntaxAccepted",
-        "RemoteAccessAllowed",
-        "SslEnabled",
-        "SslCertificate",
-        "SslMinimumProtocolVersion",
-        "SslVerifyPeers",
-        "SslTrustedClientCertificates",
-        "AuthenticationEnabled",
-        "RegisteredUsers",
-        "DicomTlsEnabled",
-        "DicomTlsCertificate",
-        "DicomTlsPrivateKey",
-        "DicomTlsTrustedCertificates",
-        "DicomTlsRemoteCertificateRequired",
-        "DicomTlsMinimumProtocolVersion",
-        "DicomTlsCiphersAccepted",
-        "DicomAlwaysAllowFind",
-        "DicomAlwaysAllowFindWorklist",
-        "DicomAlwaysAllowGet",
-        "DicomAlwaysAllowMove",
-        "DicomModalitiesInDatabase",
-        "DicomEchoChecksFind",
-        "DicomScuTimeout",
-        "DicomScuPreferredTransferSyntax",
-        "OrthancPeers",
-        "OrthancPeersInDatabase",
-        "HttpProxy",
-        "HttpVerbose",
-        "HttpTimeout",
-        "HttpsVerifyPeers",
-        "HttpsCACertificates",
-        "UserMetadata",
-        "UserContentType",
-        "StoreMD5ForAttachments",
-        "LimitFindResults",
-        "LimitFindInstances",
-        "LogExportedResources",
-        "KeepAlive",
-        "KeepAliveTimeout",
-        "TcpNoDelay",
-        "HttpThreadsCount",
-        "StoreDicom",
-        "DicomAssociationCloseDelay",
-        "QueryRetrieveSize",
-        "CaseSensitivePN",
-        "LoadPrivateDictionary",
-        "Dictionary",
-        "SynchronousCMove",
-        "JobsHistorySize",
-        "SaveJobs",
-        "MediaArchiveSize",
-        "StorageAccessOnFind",
-        "MetricsEnabled",
-        "ExecuteLuaEnabled",
-        "RestApiWriteToFileSystemEnabled",
-        "HttpRequestTimeout",
-        "DefaultPrivateCreator",
-        "StorageCommitmentReportsSize",
-        "TranscodeDicomProtocol",
-        "BuiltinDecoderTranscoderOrder",
-        "IngestTranscoding",
-        "IngestTranscodingOfUncompressed",
-        "IngestTranscodingOfCompressed",
-        "DicomLossyTranscodingQuality",
-        "MallocArenaMax",
-        "DeidentifyLogs",
-        "DeidentifyLogsDicomVersion",
-        "CheckRevisions",
-        "SynchronousZipStream",
-        "ZipLoaderThreads",
-        "Warnings",
-        "OverwriteInstances",
-        "ExtraMainDicomTags",
-        "MaximumPduLength",
-        "StorageDirectory",
-        "IndexDirectory",
-        "DicomWeb",
-        "PostgreSQL",
-        "MySQL",
-        "Odbc",
-        "Worklists",
-        "Gdcm",
-        "Transfers",
-        "OrthancExplorer2",
-        "Authorization",
-        "Python",
-        "ServeFolders",
-        "WebViewer",
-        "StoneWebViewer",
-        "OrthancWebViewer",
-        "Housekeeper",
-        "DelayedDeletion",
-        "Indexer",
-        "AdvancedStorage",
-        "S3",
-        "AzureBlobStorage",
-        "GoogleCloudStorage",
-        "Wsi",
-        "Tcia",
-        "Ohif",
-        "VolView",
-    ]
+    """
+    AcceptedTransferSyntaxes TemporaryDirectory StorageCompression MaximumStorageSize MaximumPatientCount
+    MaximumStorageMode
+    MaximumStorageCacheSize LuaScripts LuaHeartBeatPeriod Plugins ConcurrentJobs JobsEngineThreadsCount
+    HttpServerEnabled HttpDescribeErrors HttpCompressionEnabled WebDavEnabled WebDavDeleteAllowed
+    WebDavUploadAllowed DicomServerEnabled DefaultEncoding DeflatedTransferSyntaxAccepted
+    JpegTransferSyntaxAccepted Jpeg2000TransferSyntaxAccepted JpegLosslessTransferSyntaxAccepted
+    JpipTransferSyntaxAccepted Mpeg2TransferSyntaxAccepted RleTransferSyntaxAccepted Mpeg4TransferSyntaxAccepted
+    H265TransferSyntaxAccepted RemoteAccessAllowed SslEnabled SslCertificate SslMinimumProtocolVersion
+    SslVerifyPeers SslTrustedClientCertificates AuthenticationEnabled RegisteredUsers DicomTlsEnabled
+    DicomTlsCertificate DicomTlsPrivateKey DicomTlsTrustedCertificates DicomTlsRemoteCertificateRequired
+    DicomTlsMinimumProtocolVersion DicomTlsCiphersAccepted DicomAlwaysAllowFind DicomAlwaysAllowFindWorklist
+    DicomAlwaysAllowGet DicomAlwaysAllowMove DicomModalitiesInDatabase DicomEchoChecksFind DicomScuTimeout
+    DicomScuPreferredTransferSyntax OrthancPeers OrthancPeersInDatabase HttpProxy HttpVerbose HttpTimeout
+    HttpsVerifyPeers HttpsCACertificates UserMetadata UserContentType StoreMD5ForAttachments LimitFindResults
+    LimitFindInstances LogExportedResources KeepAlive KeepAliveTimeout TcpNoDelay HttpThreadsCount StoreDicom
+    DicomAssociationCloseDelay QueryRetrieveSize CaseSensitivePN LoadPrivateDictionary Dictionary
+    SynchronousCMove JobsHistorySize SaveJobs MediaArchiveSize StorageAccessOnFind MetricsEnabled
+    ExecuteLuaEnabled RestApiWriteToFileSystemEnabled HttpRequestTimeout DefaultPrivateCreator
+    StorageCommitmentReportsSize TranscodeDicomProtocol BuiltinDecoderTranscoderOrder IngestTranscoding
+    IngestTranscodingOfUncompressed IngestTranscodingOfCompressed DicomLossyTranscodingQuality MallocArenaMax
+    DeidentifyLogs DeidentifyLogsDicomVersion CheckRevisions SynchronousZipStream ZipLoaderThreads Warnings
+    OverwriteInstances ExtraMainDicomTags MaximumPduLength StorageDirectory IndexDirectory DicomWeb PostgreSQL
+    MySQL Odbc Worklists Gdcm Transfers OrthancExplorer2 Authorization Python ServeFolders WebViewer
+    StoneWebViewer OrthancWebViewer Housekeeper DelayedDeletion Indexer AdvancedStorage S3 AzureBlobStorage
+    GoogleCloudStorage Wsi Tcia Ohif VolView
+    """.split()
 ) - frozenset(DEFAULTS)
 
 _ENV_PREFIX = "DICOM_NODE_"
@@ -402,8 +298,6 @@ def _validate(values: dict[str, Any], source: str, base_dir: Path, warnings: lis
     url = values["Database"]
     if url and not url.startswith(("sqlite:///", "postgresql://", "postgres://")):
         raise ConfigError(f"{source}: key 'Database' must be a sqlite:///… or postgresql://… URL, got {url!r}")
-    if not all(isinstance(t, str) for t in values["AcceptedTransferSyntaxes"]):
-        raise ConfigError(f"{source}: key 'AcceptedTransferSyntaxes' must be a list of UIDs (wildcards allowed)")
     modalities = _parse_modalities(values["DicomModalities"], source)
     cfg = Config(values=values, source=source, base_dir=base_dir, warnings=tuple(warnings), modalities=modalities)
     for key in ("StorageDirectory", "IndexDirectory"):

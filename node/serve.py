@@ -95,7 +95,7 @@ def serve(cfg: Config) -> int:
             code = 0
             try:
                 _run_receiver(cfg, child_stop, reuse_port=True)
-            except BaseException as exc:
+            except BaseException as exc:  # noqa: BLE001 - report and leave: the parent restarts us
                 log.error("receiver crashed", slot=slot, error=repr(exc))
                 code = 1
             finally:

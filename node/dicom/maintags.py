@@ -8,15 +8,16 @@ keeps them: decoded strings with trailing padding removed, multiple values joine
 from __future__ import annotations
 
 import io
+import os
 import struct
 from dataclasses import dataclass, field
 from typing import IO, Any
 
-import pydicom
 from pydicom.charset import convert_encodings, decode_bytes
 from pydicom.datadict import dictionary_VR
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.filereader import read_partial
 from pydicom.multival import MultiValue
 from pydicom.tag import Tag
 from pydicom.valuerep import TEXT_VR_DELIMS, PersonName
@@ -163,28 +164,62 @@ def index_tags(ds: Dataset) -> IndexTags:
 
 
 _HEAD_BYTES = 256 * 1024
+_PIXEL_TAGS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})
+_UNDEFINED = 0xFFFFFFFF
+_SEQ_DELIMITER = (b"\xfe\xff\xdd\xe0\x00\x00\x00\x00", b"\xff\xfe\xe0\xdd\x00\x00\x00\x00")
 
 
-def _parse(fp: str | IO[bytes]) -> Dataset:
-    return pydicom.dcmread(fp, stop_before_pixels=True, specific_tags=list(INDEX_TAGS), defer_size=65536)
+def _parse(fp: IO[bytes]) -> tuple[Dataset, tuple[int, int] | None]:
+    """The header up to the pixel data, and where the pixel data value starts and how long it says it is."""
+    pixel: list[tuple[int, int]] = []
+
+    def stop(tag: int, vr: str | None, length: int) -> bool:
+        if tag in _PIXEL_TAGS:
+            pixel.append((fp.tell(), length))
+            return True
+        return False
+
+    ds = read_partial(fp, stop_when=stop, specific_tags=list(INDEX_TAGS), defer_size=65536)
+    return ds, (pixel[0] if pixel else None)
+
+
+def _check_complete(fh: IO[bytes], size: int, pixel: tuple[int, int] | None) -> None:
+    """Refuse a dataset whose pixel data is cut short (a truncated file sent as it was)."""
+    if pixel is None:
+        return
+    start, length = pixel
+    if length != _UNDEFINED:
+        if start + length > size:
+            raise MalformedDataset(f"truncated: pixel data announces {length} bytes, {max(size - start, 0)} present")
+        return
+    fh.seek(max(start, size - 65536))
+    tail = fh.read()
+    if not any(d in tail for d in _SEQ_DELIMITER):
+        raise MalformedDataset("truncated: encapsulated pixel data has no sequence delimiter")
 
 
 def read_index_tags(path: str) -> IndexTags:
     """Read only what the index needs from a Part-10 file: no pixel data, no value we do not index.
 
     The header is parsed from one read of the file's start (pydicom reading the file itself issues a small
-    read per element); when the header is larger than that, the file is parsed in place.
+    read per element); when the header is larger than that, the file is parsed in place.  A file whose pixel
+    data is shorter than its header says is refused as malformed.
     """
     try:
         with open(path, "rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
             head = fh.read(_HEAD_BYTES)
             try:
-                ds = _parse(io.BytesIO(head))
+                ds, pixel = _parse(io.BytesIO(head))
             except Exception:
                 if len(head) < _HEAD_BYTES:
                     raise
                 fh.seek(0)
-                ds = _parse(fh)
+                ds, pixel = _parse(fh)
+            if not getattr(ds.file_meta, "TransferSyntaxUID", None) or not ds.file_meta.TransferSyntaxUID.is_deflated:
+                _check_complete(fh, size, pixel)  # (a deflated stream's offsets are not the file's)
     except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, AttributeError, struct.error) as exc:
+        if isinstance(exc, MalformedDataset):
+            raise
         raise MalformedDataset(f"not a readable DICOM dataset: {exc}") from exc
     return index_tags(ds)
