@@ -8,6 +8,7 @@ recovery of the storage runs once, in the parent, before any receiver starts.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import signal
 import sys
@@ -62,6 +63,15 @@ def _open_no_recover(cfg: Config) -> Archive:
                    overwrite=cfg["OverwriteInstances"])  # fmt: skip
 
 
+def _die_with_parent() -> None:
+    """Linux: a receiver gets SIGKILL when the parent dies, even by ``kill -9`` (no orphan keeps the port)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def serve(cfg: Config) -> int:
     """Run until SIGTERM/SIGINT. Returns the process exit code."""
     for w in cfg.warnings:
@@ -89,6 +99,7 @@ def serve(cfg: Config) -> int:
     def spawn(slot: int) -> None:
         pid = os.fork()
         if pid == 0:  # child: its own signal handling, then serve
+            _die_with_parent()
             child_stop = threading.Event()
             signal.signal(signal.SIGTERM, lambda *_: child_stop.set())
             signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides

@@ -101,10 +101,12 @@ class StoreSCP:
     # -- association events -------------------------------------------------------------------------------
     def on_requested(self, event: evt.Event) -> None:
         rq = event.assoc.requestor
-        if not self.policy.may_associate(rq.ae_title, rq.address):
-            log.warning("association refused", peer_aet=rq.ae_title, peer=f"{rq.address}:{rq.port}",
+        calling = str(rq.primitive.calling_ae_title or "").strip()  # rq.ae_title is filled in only on acceptance
+        if not self.policy.may_associate(calling, rq.address):
+            log.warning("association refused", peer_aet=calling, peer=f"{rq.address}:{rq.port}",
                         reason="calling AE title not allowed")  # fmt: skip
             event.assoc.acse.send_reject(0x01, 0x01, 0x03)  # permanent, service user, calling AE not recognised
+            event.assoc.kill()  # as pynetdicom's own rejections do: waits until the A-ASSOCIATE-RJ is out
 
     def on_established(self, event: evt.Event) -> None:
         rq = event.assoc.requestor
