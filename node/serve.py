@@ -1,28 +1,37 @@
-"""Running the node: open the archive, start the DICOM server (in one or several processes), stop cleanly.
+"""Running the node: lock and recover the storage, start the DICOM server in one or several processes, stop.
 
 Several receiver processes share the DICOM port through SO_REUSEPORT (the kernel spreads associations over
-them): Python runs one thread at a time per process, so that is how concurrent senders use every core.  Crash
-recovery of the storage runs once, in the parent, before any receiver starts.
+them): Python runs one thread at a time per process, so that is how concurrent senders use every core.  Each
+receiver spools into its own folder (``.tmp/<slot>``), so when one dies the parent finishes or drops exactly its
+half-received files before starting a new one, while the others go on receiving.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import fcntl
 import os
 import signal
+import socket
 import sys
 import threading
 import time
+from pathlib import Path
 from types import FrameType
+from typing import IO
 
 from node import logs
 from node.archive.store import Archive, open_archive, recover
-from node.config import Config
+from node.config import Config, ConfigError
 from node.net.access import AccessPolicy
 from node.net.scp import StoreSCP, make_ae, start_server
 
 log = logs.get("dicom-node")
+
+#: A receiver that dies sooner than this after its start counts towards giving up (a crash loop).
+_QUICK_DEATH_S = 5.0
+_MAX_QUICK_DEATHS = 5
 
 
 def receiver_processes(cfg: Config) -> int:
@@ -30,13 +39,13 @@ def receiver_processes(cfg: Config) -> int:
     return n if n > 0 else max(1, os.cpu_count() or 1)
 
 
-def _open(cfg: Config) -> Archive:
+def _open(cfg: Config, slot: str = "0") -> Archive:
     return open_archive(cfg.database_url, cfg.storage_dir, overwrite=cfg["OverwriteInstances"],
-                        sync=cfg["SyncStorageArea"])  # fmt: skip
+                        sync=cfg["SyncStorageArea"], slot=slot)  # fmt: skip
 
 
-def _run_receiver(cfg: Config, stop: threading.Event, reuse_port: bool) -> None:
-    archive = _open(cfg) if not reuse_port else _open_no_recover(cfg)
+def _run_receiver(cfg: Config, stop: threading.Event, slot: str, reuse_port: bool) -> None:
+    archive = _open(cfg, slot)
     ae = make_ae(
         cfg["DicomAet"],
         max_pdu=cfg["MaximumPduLength"],
@@ -45,7 +54,7 @@ def _run_receiver(cfg: Config, stop: threading.Event, reuse_port: bool) -> None:
         check_called_aet=cfg["DicomCheckCalledAet"],
         unknown_sop_classes=cfg["UnknownSopClassAccepted"],
     )
-    scp = StoreSCP(archive=archive, policy=AccessPolicy.from_config(cfg), aet=cfg["DicomAet"])
+    scp = StoreSCP(archive=archive, policy=AccessPolicy.from_config(cfg))
     server = start_server(ae, scp, cfg["DicomListenAddress"], cfg["DicomPort"], reuse_port=reuse_port)
     try:
         stop.wait()
@@ -55,31 +64,52 @@ def _run_receiver(cfg: Config, stop: threading.Event, reuse_port: bool) -> None:
         archive.close()
 
 
-def _open_no_recover(cfg: Config) -> Archive:
-    from node.archive.db import open_index
-    from node.archive.storage import FileStorage
-
-    return Archive(db=open_index(cfg.database_url), storage=FileStorage(cfg.storage_dir, cfg["SyncStorageArea"]),
-                   overwrite=cfg["OverwriteInstances"])  # fmt: skip
-
-
-def _die_with_parent() -> None:
-    """Linux: a receiver gets SIGKILL when the parent dies, even by ``kill -9`` (no orphan keeps the port)."""
+def _lock_storage(storage: Path) -> IO[str]:
+    """One node per storage area: a second ``serve`` on it would take the first one's spool files for
+    crash leftovers and delete them."""
+    fh = open(storage / ".lock", "a+")  # noqa: SIM115 - held for the process' lifetime
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.close()
+        raise ConfigError(f"{storage} is in use by another running dicom-node") from None
+    fh.seek(0)
+    fh.truncate()
+    fh.write(f"{os.getpid()}\n")
+    fh.flush()
+    return fh
+
+
+def _check_port(host: str, port: int, reuse_port: bool) -> None:
+    """Fail at start, in the parent, when the DICOM port cannot be bound (not in an endless restart loop)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+
+
+def _die_with_parent(parent: int) -> None:
+    """Linux: a receiver gets SIGKILL when the parent dies, even by ``kill -9`` (no orphan keeps the port)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
 
 
 def serve(cfg: Config) -> int:
     """Run until SIGTERM/SIGINT. Returns the process exit code."""
+    os.umask(0o077)  # DICOM files and the index hold PHI: readable by the node's user only
     for w in cfg.warnings:
         log.warning("configuration", message=w)
-    archive = _open(cfg)  # creates the schema and runs crash recovery once
-    finished, dropped, _garbage = recover(archive)
-    archive.close()
+    lock = _lock_storage(cfg.storage_dir)
     n = receiver_processes(cfg)
+    _check_port(cfg["DicomListenAddress"], cfg["DicomPort"], reuse_port=n > 1)
+    archive = _open(cfg)  # creates the schema
+    finished, dropped, _ = recover(archive)  # every receiver's leftovers, before any receiver runs
     log.info("dicom-node starting", name=cfg["Name"], aet=cfg["DicomAet"], port=cfg["DicomPort"],
              storage=str(cfg.storage_dir), database=cfg.database_url, receivers=n, pid=os.getpid(),
              recovered=finished, dropped_partial=dropped, config=cfg.source)  # fmt: skip
@@ -90,22 +120,33 @@ def serve(cfg: Config) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    if n == 1:
-        _run_receiver(cfg, stop, reuse_port=False)
+    try:
+        if n == 1:
+            archive.close()
+            _run_receiver(cfg, stop, "0", reuse_port=False)
+            return 0
+        return _supervise(cfg, archive, n, stop)
+    finally:
         log.info("dicom-node stopped")
-        return 0
-    children: dict[int, int] = {}
+        lock.close()
 
-    def spawn(slot: int) -> None:
+
+def _supervise(cfg: Config, archive: Archive, n: int, stop: threading.Event) -> int:
+    """Fork ``n`` receivers; restart one that dies after recovering its spool folder; stop them all."""
+    children: dict[int, tuple[str, float]] = {}
+    parent = os.getpid()
+    archive.close()
+
+    def spawn(slot: str) -> None:
         pid = os.fork()
         if pid == 0:  # child: its own signal handling, then serve
-            _die_with_parent()
+            _die_with_parent(parent)
             child_stop = threading.Event()
             signal.signal(signal.SIGTERM, lambda *_: child_stop.set())
             signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides
             code = 0
             try:
-                _run_receiver(cfg, child_stop, reuse_port=True)
+                _run_receiver(cfg, child_stop, slot, reuse_port=True)
             except BaseException as exc:  # noqa: BLE001 - report and leave: the parent restarts us
                 log.error("receiver crashed", slot=slot, error=repr(exc))
                 code = 1
@@ -113,20 +154,28 @@ def serve(cfg: Config) -> int:
                 sys.stdout.flush()
                 sys.stderr.flush()
                 os._exit(code)
-        children[pid] = slot
+        children[pid] = (slot, time.monotonic())
 
-    for slot in range(n):
-        spawn(slot)
+    for i in range(n):
+        spawn(str(i))
+    quick_deaths = 0
+    code = 0
     while not stop.is_set():
         try:
             pid, status = os.waitpid(-1, os.WNOHANG)
         except ChildProcessError:
             break
-        if pid:
-            slot = children.pop(pid, None)
-            if slot is not None and not stop.is_set():
-                log.error("receiver process died; restarting", pid=pid, status=status, slot=slot)
-                spawn(slot)
+        if pid and pid in children and not stop.is_set():
+            slot, started = children.pop(pid)
+            quick_deaths = quick_deaths + 1 if time.monotonic() - started < _QUICK_DEATH_S else 0
+            if quick_deaths >= _MAX_QUICK_DEATHS:
+                log.error("receivers keep dying at start; giving up", slot=slot, status=status)
+                code = 1
+                break
+            finished, dropped, _ = recover(archive, slots=[slot])
+            log.error("receiver process died; restarting", pid=pid, status=status, slot=slot,
+                      recovered=finished, dropped_partial=dropped)  # fmt: skip
+            spawn(slot)
         stop.wait(0.2)
     for pid in children:
         with contextlib.suppress(ProcessLookupError):
@@ -142,6 +191,6 @@ def serve(cfg: Config) -> int:
         else:
             time.sleep(0.05)
     for pid in children:
-        os.kill(pid, signal.SIGKILL)
-    log.info("dicom-node stopped")
-    return 0
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    return code

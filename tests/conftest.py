@@ -242,8 +242,12 @@ class Node:
         finally:
             con.close()
 
+    def spool_files(self) -> list[Path]:
+        """Files left in the receivers' spool folders (``.tmp/<slot>/``)."""
+        return [p for p in (self.storage / ".tmp").rglob("*") if p.is_file()]
+
     def stored_files(self) -> set[Path]:
-        return {p for p in self.storage.rglob("*") if p.is_file() and ".tmp" not in p.parts}
+        return {p for p in self.storage.rglob("*") if p.is_file() and ".tmp" not in p.parts and p.name != ".lock"}
 
     def file_of(self, sop_uid: str) -> Path:
         rows = self.query('SELECT file_uuid FROM "instance" WHERE sop_uid = ?', sop_uid)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 
 import pydicom
@@ -129,3 +131,67 @@ def test_storage_paths_never_come_from_dicom_values(archive: Archive) -> None:
         archive.storage.path("../../etc/passwd")
     p = archive.storage.path("0123abcd-0000-4000-8000-000000000000")
     assert p.parent.parent == archive.storage.root
+
+
+def test_a_stale_series_cache_never_attaches_an_instance_to_the_wrong_series(tmp_path: Path) -> None:
+    url, storage = f"sqlite:///{tmp_path}/index.db", tmp_path / "storage"
+    first = open_archive(url, storage)
+    a = put(first, make_instance(tmp_path / "a.dcm", study_uid="1.5", series_uid="1.5.1"))
+    con = sqlite3.connect(tmp_path / "index.db")
+    con.execute("PRAGMA foreign_keys = ON")
+    con.execute('DELETE FROM "patient"')  # cascades to study, series, instance (a later REST DELETE does this)
+    con.commit()
+    con.close()
+    make_instance(tmp_path / "c.dcm", study_uid="2.5", series_uid="2.5.1")
+    other_process = (  # another receiver stores a new series, which may reuse the deleted rows' ids
+        "import sys; sys.path.insert(0, 'tests'); from pathlib import Path; from test_archive import put;"
+        f"from node.archive.store import open_archive; put(open_archive({url!r}, Path({str(storage)!r})),"
+        f" Path({str(tmp_path / 'c.dcm')!r}))"
+    )
+    subprocess.run([sys.executable, "-c", other_process], check=True, cwd=Path(__file__).parents[1])
+    c_sop = pydicom.dcmread(tmp_path / "c.dcm").SOPInstanceUID
+    b = put(first, make_instance(tmp_path / "b.dcm", study_uid="1.5", series_uid="1.5.1"))
+    assert b.ids.series == a.ids.series
+    with first.db.connection_context():
+        inst = Instance.get(Instance.public_id == b.ids.instance)
+        assert inst.series.public_id == a.ids.series
+        assert Instance.get(Instance.sop_uid == c_sop).series.series_uid == "2.5.1"
+        assert Series.select().count() == 2
+
+
+def test_recovery_deletes_files_of_replaced_instances_left_in_garbage(archive: Archive, tmp_path: Path) -> None:
+    archive.overwrite = True
+    src = make_instance(tmp_path / "a.dcm", sop_uid="1.7.1", study_uid="1.7", series_uid="1.7.0")
+    first = put(archive, src)
+    old = first.path.read_bytes()
+    second = put(archive, src)
+    first.path.write_bytes(old)  # as if the crash came between the commit and the unlink of the old file
+    with archive.db.connection_context():
+        Garbage.create(file_uuid=first.path.name)
+    assert recover(archive) == (0, 0, 1)
+    assert files_in(archive) == {second.path}
+
+
+def test_a_failure_after_the_commit_keeps_the_instance(archive: Archive, tmp_path: Path) -> None:
+    src = make_instance(tmp_path / "a.dcm")
+    spool = spool_copy(archive, src)
+    folder = archive.storage.path(spool.uuid).parent
+    folder.rmdir()
+    folder.write_text("not a folder")  # the rename into place fails (ENOTDIR) after the index commit
+    result = store(archive, spool, read_index_tags(spool.name), Origin())
+    assert result.status == "Success" and result.path == archive.storage.spool_path(spool.uuid)
+    assert archive.storage.locate(spool.uuid).read_bytes() == src.read_bytes()  # readable meanwhile
+    folder.unlink()
+    folder.mkdir()
+    assert recover(archive) == (1, 0, 0)  # published at the next start
+    assert archive.storage.path(spool.uuid).read_bytes() == src.read_bytes()
+
+
+def test_a_header_longer_than_the_read_buffer_is_parsed_from_the_file(tmp_path: Path) -> None:
+    p = make_instance(tmp_path / "a.dcm")
+    ds = pydicom.dcmread(p)
+    block = ds.private_block(0x0009, "DICOM-NODE TEST", create=True)
+    block.add_new(0x10, "OB", b"\x00" * (300 * 1024))  # before StudyInstanceUID (0020,000D)
+    ds.save_as(p)
+    tags = read_index_tags(str(p))
+    assert tags.study_uid == ds.StudyInstanceUID and tags.patient_id == "PAT1"

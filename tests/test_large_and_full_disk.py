@@ -55,4 +55,4 @@ def test_storage_write_failure_answers_a700_and_keeps_going(node_factory, tmp_pa
     failed = node.events("store failed")
     assert [e["status"] for e in failed] == ["0xA700"] and failed[0]["reason"] == "disk"
     assert node.query('SELECT sop_uid FROM "instance"') == [(pydicom.dcmread(small).SOPInstanceUID,)]
-    assert not list((node.storage / ".tmp").iterdir())
+    assert not node.spool_files()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -22,8 +22,10 @@ from node.archive.models import Garbage, Instance, Patient, Series, Study, utcno
 from node.archive.storage import FileStorage, SpoolFile
 from node.dicom.ids import ResourceIds, resource_ids
 from node.dicom.maintags import IndexTags
+from node.logs import get as get_logger
 
 StoreStatus = Literal["Success", "AlreadyStored"]
+log = get_logger("dicom-node.store")
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,21 +53,32 @@ class Archive:
     db: Database
     storage: FileStorage
     overwrite: bool = False
+    #: Parent rows this process stored recently: series public ID -> (series row id, study row id, last
+    #: touch). Most instances belong to a series stored a moment ago, so the hot path skips the parent lookups;
+    #: the instance INSERT re-checks the series row (id *and* public ID), so a stale entry only costs a retry.
+    series_cache: dict[str, tuple[int, int, float]] = field(default_factory=dict)
 
     def close(self) -> None:
         self.db.close()
 
 
-def open_archive(database_url: str, storage_dir: Path, overwrite: bool = False, sync: bool = True) -> Archive:
-    """Open (and if needed create) the archive, then make files and index agree after any crash."""
+def open_archive(
+    database_url: str, storage_dir: Path, overwrite: bool = False, sync: bool = True, slot: str = "0"
+) -> Archive:
+    """Open (and if needed create) the archive. Crash recovery is separate: see :func:`recover`.
+
+    One archive per process: the peewee models are bound to it (a second call rebinds them).
+    """
     db = open_index(database_url)
-    archive = Archive(db=db, storage=FileStorage(storage_dir, sync=sync), overwrite=overwrite)
-    recover(archive)
-    return archive
+    return Archive(db=db, storage=FileStorage(storage_dir, sync=sync, slot=slot), overwrite=overwrite)
 
 
-def recover(archive: Archive) -> tuple[int, int, int]:
-    """Finish what a crash interrupted: publish indexed spool files, drop the rest, unlink garbage."""
+def recover(archive: Archive, slots: list[str] | None = None) -> tuple[int, int, int]:
+    """Finish what a crash interrupted: publish indexed spool files, drop the rest, unlink garbage.
+
+    Only the process that owns the storage area may call this: for all receivers before any runs, or for the
+    ``slots`` of receivers that died (their spool folders are theirs alone).
+    """
     storage = archive.storage
     with archive.db.connection_context():
 
@@ -78,7 +91,7 @@ def recover(archive: Archive) -> tuple[int, int, int]:
                 )
             return found
 
-        finished, dropped = storage.recover(indexed)
+        finished, dropped = storage.recover(indexed, slots)
         garbage = [g.file_uuid for g in Garbage.select()]
         for uuid in garbage:
             storage.delete(uuid)
@@ -95,11 +108,13 @@ def _index_in_series(tags: IndexTags) -> int | None:
         return None
 
 
-#: Parent rows seen recently by this process: series public ID -> (series row id, study row id, last touch).
-#: Most instances belong to a series stored a moment ago, so the hot path is one SELECT and two INSERTs; a
-#: stale entry (series deleted meanwhile) makes the instance INSERT fail its foreign key, and we retry uncached.
-_SERIES_CACHE: dict[str, tuple[int, int, float]] = {}
 _SERIES_CACHE_MAX = 4096
+
+
+class _StaleCache(Exception):
+    """The cached series row is gone: roll back and redo the transaction without the cache."""
+
+
 #: ``last_update`` (what StableAge measures) is refreshed at most this often per series.
 _TOUCH_EVERY_S = 1.0
 
@@ -115,17 +130,18 @@ def _sql(db: Database, template: str) -> str:
 
 
 def _parents(
-    db: Database, ids: ResourceIds, tags: IndexTags, now: dt.datetime, use_cache: bool
+    archive: Archive, ids: ResourceIds, tags: IndexTags, now: dt.datetime, use_cache: bool
 ) -> tuple[int, list[tuple[str, str, str]]]:
     """Row id of the instance's series (created with its study and patient if new) and the changes to log."""
+    db, cache = archive.db, archive.series_cache
     mono = time.monotonic()
-    cached = _SERIES_CACHE.get(ids.series) if use_cache else None
+    cached = cache.get(ids.series) if use_cache else None
     if cached is not None:
         series_id, study_id, touched = cached
         if mono - touched >= _TOUCH_EVERY_S:
             db.execute_sql(_sql(db, 'UPDATE "series" SET last_update = ? WHERE id = ?'), (now, series_id))
             db.execute_sql(_sql(db, 'UPDATE "study" SET last_update = ? WHERE id = ?'), (now, study_id))
-            _SERIES_CACHE[ids.series] = (series_id, study_id, mono)
+            cache[ids.series] = (series_id, study_id, mono)
         return series_id, []
     changes: list[tuple[str, str, str]] = []
     series = Series.get_or_none(Series.public_id == ids.series)
@@ -156,9 +172,9 @@ def _parents(
                                last_update=now)  # fmt: skip
         changes.append(("NewSeries", "Series", ids.series))
         series_id, study_id = series.id, study.id
-    if len(_SERIES_CACHE) >= _SERIES_CACHE_MAX:
-        _SERIES_CACHE.clear()
-    _SERIES_CACHE[ids.series] = (series_id, study_id, mono)
+    if len(cache) >= _SERIES_CACHE_MAX:
+        cache.clear()
+    cache[ids.series] = (series_id, study_id, mono)
     return series_id, changes
 
 
@@ -171,7 +187,7 @@ def _index(archive: Archive, spool: SpoolFile, tags: IndexTags, ids: ResourceIds
                              (ids.instance,)).fetchone()  # fmt: skip
         if row is not None and not archive.overwrite:
             return "AlreadyStored", None, row[1]
-        series_id, changes = _parents(db, ids, tags, now, use_cache)
+        series_id, changes = _parents(archive, ids, tags, now, use_cache)
         values = (
             ids.instance, series_id, tags.sop_uid, json.dumps(tags.instance), spool.uuid, spool.size, spool.sha256,
             tags.transfer_syntax, tags.sop_class_uid, _index_in_series(tags), origin.origin, origin.remote_aet,
@@ -182,11 +198,20 @@ def _index(archive: Archive, spool: SpoolFile, tags: IndexTags, ids: ResourceIds
             old_uuid = row[1]
             db.execute_sql(_sql(db, 'INSERT INTO "garbage" (file_uuid) VALUES (?)'), (old_uuid,))
             sets = ", ".join(f"{c} = ?" for c in _INSTANCE_COLUMNS[1:])
-            db.execute_sql(_sql(db, f'UPDATE "instance" SET {sets} WHERE id = ?'), (*values[1:], row[0]))
+            sql = f'UPDATE "instance" SET {sets} WHERE id = ? AND EXISTS '
+            sql += '(SELECT 1 FROM "series" WHERE id = ? AND public_id = ?)'
+            cursor = db.execute_sql(_sql(db, sql), (*values[1:], row[0], series_id, ids.series))
+            if cursor.rowcount != 1:
+                raise _StaleCache
         else:
             cols = ", ".join(_INSTANCE_COLUMNS)
             marks = ", ".join("?" * len(_INSTANCE_COLUMNS))
-            db.execute_sql(_sql(db, f'INSERT INTO "instance" ({cols}) VALUES ({marks})'), values)
+            # Inserted only if the series row is still the one we think (the cache may be stale).
+            sql = f'INSERT INTO "instance" ({cols}) SELECT {marks} WHERE EXISTS '
+            sql += '(SELECT 1 FROM "series" WHERE id = ? AND public_id = ?)'
+            cursor = db.execute_sql(_sql(db, sql), (*values, series_id, ids.series))
+            if cursor.rowcount != 1:
+                raise _StaleCache
         changes.append(("NewInstance", "Instance", ids.instance))
         for change_type, level, public_id in changes:
             db.execute_sql(
@@ -213,20 +238,46 @@ def store(archive: Archive, spool: SpoolFile, tags: IndexTags, origin: Origin) -
         archive.db.connect(reuse_if_open=True)
         try:
             status, old_uuid, uuid = _index(archive, spool, tags, ids, origin, now, use_cache=True)
-        except IntegrityError:
-            _SERIES_CACHE.pop(ids.series, None)  # a parent vanished under our cache, or a concurrent insert
+        except (IntegrityError, _StaleCache):
+            archive.series_cache.pop(ids.series, None)  # a parent changed under our cache, or a concurrent insert
             status, old_uuid, uuid = _index(archive, spool, tags, ids, origin, now, use_cache=False)
     except BaseException:
         storage.discard_spool(spool.uuid)
         raise
     if status == "AlreadyStored":
         storage.discard_spool(spool.uuid)
-        return StoreResult(status, ids, storage.path(uuid), spool.size)
-    path = storage.publish(spool.uuid)
+        return StoreResult(status, ids, storage.locate(uuid), spool.size)
+    return StoreResult(status, ids, _after_commit(archive, spool.uuid, old_uuid), spool.size)
+
+
+def _after_commit(archive: Archive, uuid: str, old_uuid: str | None) -> Path:
+    """Publish the new file and drop the replaced one. Never raises: the instance is already durable.
+
+    A failure here leaves the spool file where recovery (or :meth:`FileStorage.locate`) finds it and the
+    replaced file in ``Garbage``; answering an error now would make the sender retry an instance we hold.
+    """
+    storage = archive.storage
+    try:
+        try:
+            path = storage.publish(uuid)
+        except FileNotFoundError:
+            if not storage.spool_path(uuid).exists():
+                raise
+            storage.path(uuid).parent.mkdir(parents=True, exist_ok=True)  # its folder was removed: recreate
+            path = storage.publish(uuid)
+    except FileNotFoundError:
+        path = storage.locate(uuid)  # a racing overwrite already replaced (and deleted) this copy
+        log.info("superseded before publication", file_uuid=uuid)
+    except OSError as exc:
+        path = storage.spool_path(uuid)
+        log.error("publish failed; the file stays in the spool until recovery", file_uuid=uuid, error=str(exc))
     if old_uuid is not None:
-        storage.delete(old_uuid)
-        Garbage.delete().where(Garbage.file_uuid == old_uuid).execute()
-    return StoreResult(status, ids, path, spool.size)
+        try:
+            storage.delete(old_uuid)
+            Garbage.delete().where(Garbage.file_uuid == old_uuid).execute()
+        except Exception as exc:  # noqa: BLE001 - left in Garbage: recovery deletes it
+            log.error("could not delete a replaced file", file_uuid=old_uuid, error=str(exc))
+    return path
 
 
 def elapsed_ms(t0: float) -> float:

@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import io
 import os
-import struct
 from dataclasses import dataclass, field
 from typing import IO, Any
 
 from pydicom.charset import convert_encodings, decode_bytes
 from pydicom.datadict import dictionary_VR
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_partial
 from pydicom.multival import MultiValue
 from pydicom.tag import Tag
@@ -149,7 +147,7 @@ def index_tags(ds: Dataset) -> IndexTags:
             sop_class_uid=_value_string(sop_class, encodings) if sop_class is not None else "",
             transfer_syntax=str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "") or ""),
         )
-    except Exception as exc:
+    except Exception as exc:  # any decoding error of a value means a malformed dataset
         raise MalformedDataset(f"cannot decode the main DICOM tags: {exc}") from exc
     for level, kw in (
         (tags.study, "StudyInstanceUID"),
@@ -214,12 +212,20 @@ def read_index_tags(path: str) -> IndexTags:
             except Exception:
                 if len(head) < _HEAD_BYTES:
                     raise
+                ds, pixel = None, None
+            if pixel is None and len(head) == _HEAD_BYTES:
+                # The header may go on past the buffer (pydicom skips unwanted values by seeking, silently
+                # past the end of a buffer): decide on the whole file.
                 fh.seek(0)
                 ds, pixel = _parse(fh)
             if not getattr(ds.file_meta, "TransferSyntaxUID", None) or not ds.file_meta.TransferSyntaxUID.is_deflated:
                 _check_complete(fh, size, pixel)  # (a deflated stream's offsets are not the file's)
-    except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, AttributeError, struct.error) as exc:
-        if isinstance(exc, MalformedDataset):
-            raise
+    except MalformedDataset:
+        raise
+    except OSError as exc:
+        if exc.errno is not None:
+            raise  # the disk, not the data
         raise MalformedDataset(f"not a readable DICOM dataset: {exc}") from exc
+    except Exception as exc:  # zlib.error, RecursionError, pydicom's own: all mean bad data
+        raise MalformedDataset(f"not a readable DICOM dataset: {type(exc).__name__}: {exc}") from exc
     return index_tags(ds)

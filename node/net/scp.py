@@ -10,11 +10,13 @@ answers only once file and index row are durable.
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import threading
 import time
 import weakref
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,7 +61,7 @@ class _SpoolRegistry:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._by_path: dict[str, SpoolFile] = {}
+        self._by_path: dict[str, tuple[SpoolFile, threading.Thread]] = {}
         self.storage: FileStorage | None = None
 
     def install(self, storage: FileStorage) -> None:
@@ -70,13 +72,31 @@ class _SpoolRegistry:
     def _new(self, *args: Any, **kwargs: Any) -> SpoolFile:
         assert self.storage is not None
         spool = self.storage.new_spool()
-        with self._lock:
-            self._by_path[spool.name] = spool
+        with self._lock:  # created in the association's DUL thread: remember whose it is
+            self._by_path[spool.name] = (spool, threading.current_thread())
         return spool
 
     def take(self, path: str) -> SpoolFile:
         with self._lock:
-            return self._by_path.pop(path)
+            return self._by_path.pop(path)[0]
+
+    def discard_orphans(self) -> int:
+        """Delete the partial files of associations whose network thread is gone without a close event
+        (pynetdicom ends an association silently when, e.g., a C-STORE names a context it did not accept)."""
+        with self._lock:
+            owners = {owner for _, owner in self._by_path.values() if not owner.is_alive()}
+        return sum(self.discard_owned_by(o) for o in owners)
+
+    def discard_owned_by(self, thread: threading.Thread) -> int:
+        """Delete the partial files of an association that ended in the middle of a C-STORE."""
+        with self._lock:
+            mine = [p for p, (_, owner) in self._by_path.items() if owner is thread]
+            spools = [self._by_path.pop(p)[0] for p in mine]
+        for spool in spools:
+            spool.close()
+            assert self.storage is not None
+            self.storage.discard_spool(spool.uuid)
+        return len(spools)
 
 
 SPOOLS = _SpoolRegistry()
@@ -96,8 +116,8 @@ class StoreSCP:
 
     archive: Archive
     policy: AccessPolicy
-    aet: str
     _stats: weakref.WeakKeyDictionary[Any, _AssocStats] = field(default_factory=weakref.WeakKeyDictionary)
+    _fsync_pool: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(8, "fsync"))
 
     # -- association events -------------------------------------------------------------------------------
     def on_requested(self, event: evt.Event) -> None:
@@ -110,23 +130,26 @@ class StoreSCP:
             event.assoc.kill()  # as pynetdicom's own rejections do: waits until the A-ASSOCIATE-RJ is out
 
     def on_established(self, event: evt.Event) -> None:
+        SPOOLS.discard_orphans()
         rq = event.assoc.requestor
         sock = getattr(event.assoc.dul.socket, "socket", None)
         if sock is not None:
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._stats[event.assoc] = _AssocStats()
-        log.info("association opened", peer_aet=rq.ae_title, peer=f"{rq.address}:{rq.port}",
+        log.info("association opened", peer_aet=rq.ae_title, peer=f"{rq.address}:{rq.port}", pid=os.getpid(),
                  called_aet=event.assoc.acceptor.ae_title, contexts=len(event.assoc.accepted_contexts))  # fmt: skip
 
     def on_closed(self, event: evt.Event) -> None:
+        partial = SPOOLS.discard_owned_by(event.assoc.dul)
         st = self._stats.pop(event.assoc, None)
         if st is None:
             return
         rq = event.assoc.requestor
         how = "aborted" if event.event is evt.EVT_ABORTED else "released"
         log.info("association closed", peer_aet=rq.ae_title, peer=f"{rq.address}:{rq.port}", how=how,
-                 stored=st.stored, failed=st.failed, bytes=st.bytes, ms=elapsed_ms(st.opened))  # fmt: skip
+                 stored=st.stored, failed=st.failed, bytes=st.bytes, ms=elapsed_ms(st.opened),
+                 partial_discarded=partial)  # fmt: skip
 
     # -- DIMSE services -----------------------------------------------------------------------------------
     def on_echo(self, event: evt.Event) -> int:
@@ -138,14 +161,26 @@ class StoreSCP:
     def on_store(self, event: evt.Event) -> int | Dataset:
         t0 = time.perf_counter()
         spool = SPOOLS.take(str(event.dataset_path))
-        rq = event.assoc.requestor
         sop_uid = str(event.request.AffectedSOPInstanceUID or "")
         st = self._stats.get(event.assoc) or _AssocStats()
         fail = self._failure(event, spool, sop_uid, t0, st)
+        try:
+            return self._store(event, spool, sop_uid, t0, st, fail)
+        except Exception as exc:  # a bug must cost one instance, not the file or the association
+            log.exception("store handler error", sop_instance_uid=sop_uid)
+            return fail(CANNOT_UNDERSTAND, f"internal error: {type(exc).__name__}", "error")
+
+    def _store(
+        self, event: evt.Event, spool: SpoolFile, sop_uid: str, t0: float, st: _AssocStats,
+        fail: Callable[[int, str, str], Dataset],
+    ) -> int | Dataset:  # fmt: skip
+        rq = event.assoc.requestor
         if not self.policy.may_store(rq.ae_title, rq.address):
             return fail(REFUSED_NOT_AUTHORIZED, "calling AE title is not allowed to store", "refused")
         if spool.error is not None:
             return fail(OUT_OF_RESOURCES, f"storage write failed: {spool.error.strerror}", "disk")
+        if self.archive.storage.sync:
+            spool.begin_sync(self._fsync_pool)
         try:
             tags = read_index_tags(spool.name)
         except MalformedDataset as exc:
@@ -158,12 +193,12 @@ class StoreSCP:
         origin = Origin("DicomProtocol", rq.ae_title.strip(), event.assoc.acceptor.ae_title.strip(), rq.address)
         try:
             result = store(self.archive, spool, tags, origin)
-        except (OSError, PeeweeException) as exc:
-            kind = "disk" if isinstance(exc, OSError) else "database"
-            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-            if isinstance(exc, OSError) and not is_disk_error(exc):
-                kind = "io"
-            return fail(OUT_OF_RESOURCES, f"{kind} failure: {why}", kind)
+        except OSError as exc:
+            kind = "disk" if is_disk_error(exc) else "io"
+            return fail(OUT_OF_RESOURCES, f"{kind} failure: {exc.strerror or type(exc).__name__}", kind)
+        except PeeweeException as exc:
+            log.error("index failure", sop_instance_uid=tags.sop_uid, error=str(exc))
+            return fail(OUT_OF_RESOURCES, "database failure", "database")  # details stay in our log
         st.stored += 1
         st.bytes += result.size
         log.info("stored", sop_instance_uid=tags.sop_uid, status=result.status, instance=result.ids.instance,
@@ -176,8 +211,7 @@ class StoreSCP:
     ) -> Callable[[int, str, str], Dataset]:
         def fail(code: int, comment: str, reason: str) -> Dataset:
             spool.close()
-            assert SPOOLS.storage is not None
-            SPOOLS.storage.discard_spool(spool.uuid)
+            self.archive.storage.discard_spool(spool.uuid)
             st.failed += 1
             log.warning("store failed", sop_instance_uid=sop_uid, status=f"0x{code:04X}", reason=reason,
                         error=comment, peer_aet=event.assoc.requestor.ae_title, ms=elapsed_ms(t0))  # fmt: skip
