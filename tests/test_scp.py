@@ -296,6 +296,20 @@ def test_the_pynetdicom_spool_hook_is_where_we_expect_it(tmp_path: Path) -> None
     assert dm.NamedTemporaryFile == SPOOLS._new
 
 
+def test_the_pynetdicom_waits_we_replace_are_where_we_expect_them() -> None:
+    """Pin what ``node.net.fastpath`` relies on: the DUL asks ``_process_recv_primitive`` first each loop,
+    sleeps ``_run_loop_delay`` when idle, and the reactor polls ``get_msg(block=False)``."""
+    import inspect
+
+    from pynetdicom.association import Association
+    from pynetdicom.dul import DULServiceProvider
+
+    dul_loop = inspect.getsource(DULServiceProvider.run_reactor)
+    assert "self._process_recv_primitive()" in dul_loop and "time.sleep(self._run_loop_delay)" in dul_loop
+    assert "self.dimse.get_msg(block=False)" in inspect.getsource(Association._run_reactor)
+    assert "self.to_provider_queue.put(primitive)" in inspect.getsource(DULServiceProvider.send_pdu)
+
+
 def test_a_dead_receiver_is_restarted_and_the_node_keeps_storing(node_factory, tmp_path) -> None:
     import os
     import signal

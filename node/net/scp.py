@@ -33,6 +33,7 @@ from node.archive.storage import FileStorage, SpoolFile, is_disk_error
 from node.archive.store import Archive, Origin, elapsed_ms, store
 from node.dicom.maintags import MalformedDataset, read_index_tags
 from node.net.access import AccessPolicy
+from node.net.fastpath import FastRequestHandler
 
 log = logs.get("dicom-node.scp")
 
@@ -280,7 +281,8 @@ def start_server(ae: AE, scp: StoreSCP, host: str, port: int, *, reuse_port: boo
 
     _Server.reuse_port = reuse_port
     SPOOLS.install(scp.archive.storage)
-    server = ae.make_server((host, port), evt_handlers=scp.handlers(), server_class=_Server)
+    server = ae.make_server((host, port), evt_handlers=scp.handlers(), server_class=_Server,
+                            request_handler=FastRequestHandler)  # fmt: skip
     thread = threading.Thread(target=server.serve_forever, name=f"dicom-scp:{port}", daemon=True)
     thread.start()
     return server  # type: ignore[return-value]
