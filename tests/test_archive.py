@@ -58,14 +58,18 @@ def test_store_indexes_all_levels_and_logs_changes(archive: Archive, tmp_path: P
     assert (st.patients, st.studies, st.series, st.instances) == (1, 1, 1, 2)
 
 
-def test_duplicate_keeps_the_first_copy_when_overwrite_is_off(archive: Archive, tmp_path: Path) -> None:
+def store_two_copies(archive: Archive, tmp_path: Path):
+    """Store an instance, then another copy of it (same UIDs) whose StudyDescription differs."""
     first = make_instance(tmp_path / "1.dcm", sop_uid="1.9.1", study_uid="1.9", series_uid="1.9.0",
                           StudyDescription="FIRST")  # fmt: skip
     ds = pydicom.dcmread(first)
     ds.StudyDescription = "SECOND"
     ds.save_as(tmp_path / "2.dcm")
-    r1 = put(archive, first)
-    r2 = put(archive, tmp_path / "2.dcm")
+    return put(archive, first), put(archive, tmp_path / "2.dcm")
+
+
+def test_duplicate_keeps_the_first_copy_when_overwrite_is_off(archive: Archive, tmp_path: Path) -> None:
+    r1, r2 = store_two_copies(archive, tmp_path)
     assert (r1.status, r2.status) == ("Success", "AlreadyStored")
     assert r2.path == r1.path and pydicom.dcmread(r1.path).StudyDescription == "FIRST"
     assert files_in(archive) == {r1.path}
@@ -74,13 +78,7 @@ def test_duplicate_keeps_the_first_copy_when_overwrite_is_off(archive: Archive, 
 
 def test_duplicate_replaces_atomically_when_overwrite_is_on(archive: Archive, tmp_path: Path) -> None:
     archive.overwrite = True
-    first = make_instance(tmp_path / "1.dcm", sop_uid="1.9.1", study_uid="1.9", series_uid="1.9.0",
-                          StudyDescription="FIRST")  # fmt: skip
-    ds = pydicom.dcmread(first)
-    ds.StudyDescription = "SECOND"
-    ds.save_as(tmp_path / "2.dcm")
-    r1 = put(archive, first)
-    r2 = put(archive, tmp_path / "2.dcm")
+    r1, r2 = store_two_copies(archive, tmp_path)
     assert (r1.status, r2.status) == ("Success", "Success")
     assert r2.ids == r1.ids and r2.path != r1.path
     assert files_in(archive) == {r2.path}  # the old file is gone, no orphan
