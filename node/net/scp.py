@@ -183,7 +183,7 @@ class StoreSCP:
         if self.archive.storage.sync:
             spool.begin_sync(self._fsync_pool)
         try:
-            tags = read_index_tags(spool.name)
+            tags = read_index_tags(spool.name, event.context.transfer_syntax)
         except MalformedDataset as exc:
             return fail(CANNOT_UNDERSTAND, str(exc), "malformed")
         except OSError as exc:
