@@ -16,7 +16,6 @@ import os
 import signal
 import socket
 import sys
-import threading
 import time
 from pathlib import Path
 from types import FrameType
@@ -35,6 +34,26 @@ _QUICK_DEATH_S = 5.0
 _MAX_QUICK_DEATHS = 5
 
 
+class StopFlag:
+    """Set from a signal handler. (``threading.Event.set`` takes a lock that the interrupted main thread may
+    hold inside ``Event.wait``: a signal at that moment would hang the shutdown.)"""
+
+    def __init__(self) -> None:
+        self._set = False
+
+    def set(self) -> None:
+        self._set = True
+
+    def is_set(self) -> bool:
+        return self._set
+
+    def wait(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while not self._set and time.monotonic() < deadline:
+            time.sleep(min(0.1, timeout))
+        return self._set
+
+
 def receiver_processes(cfg: Config) -> int:
     """``DicomReceiverProcesses``, or 4 per core (at most 16) when 0.
 
@@ -51,7 +70,7 @@ def _open(cfg: Config, slot: str = "0") -> Archive:
                         sync=cfg["SyncStorageArea"], slot=slot)  # fmt: skip
 
 
-def _run_receiver(cfg: Config, stop: threading.Event, slot: str, reuse_port: bool) -> None:
+def _run_receiver(cfg: Config, stop: StopFlag, slot: str, reuse_port: bool) -> None:
     archive = _open(cfg, slot)
     ae = make_ae(
         cfg["DicomAet"],
@@ -64,7 +83,8 @@ def _run_receiver(cfg: Config, stop: threading.Event, slot: str, reuse_port: boo
     scp = StoreSCP(archive=archive, policy=AccessPolicy.from_config(cfg))
     server = start_server(ae, scp, cfg["DicomListenAddress"], cfg["DicomPort"], reuse_port=reuse_port)
     try:
-        stop.wait()
+        while not stop.wait(1.0):
+            pass
     finally:
         server.shutdown()
         server.server_close()
@@ -87,12 +107,14 @@ def _lock_storage(storage: Path) -> IO[str]:
     return fh
 
 
-def _check_port(host: str, port: int, reuse_port: bool) -> None:
-    """Fail at start, in the parent, when the DICOM port cannot be bound (not in an endless restart loop)."""
+def _check_port(host: str, port: int) -> None:
+    """Fail at start, in the parent, when the DICOM port cannot be bound (not in an endless restart loop).
+
+    Bound without SO_REUSEPORT, so that another program already listening there with SO_REUSEPORT (say a
+    second dicom-node on another storage folder) is detected instead of silently sharing the associations.
+    """
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if reuse_port:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         try:
             s.bind((host, port))
         except OSError as exc:
@@ -114,13 +136,13 @@ def serve(cfg: Config) -> int:
         log.warning("configuration", message=w)
     lock = _lock_storage(cfg.storage_dir)
     n = receiver_processes(cfg)
-    _check_port(cfg["DicomListenAddress"], cfg["DicomPort"], reuse_port=n > 1)
+    _check_port(cfg["DicomListenAddress"], cfg["DicomPort"])
     archive = _open(cfg)  # creates the schema
     finished, dropped, _ = recover(archive)  # every receiver's leftovers, before any receiver runs
     log.info("dicom-node starting", name=cfg["Name"], aet=cfg["DicomAet"], port=cfg["DicomPort"],
              storage=str(cfg.storage_dir), database=cfg.database_url, receivers=n, pid=os.getpid(),
              recovered=finished, dropped_partial=dropped, config=cfg.source)  # fmt: skip
-    stop = threading.Event()
+    stop = StopFlag()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         stop.set()
@@ -138,7 +160,7 @@ def serve(cfg: Config) -> int:
         lock.close()
 
 
-def _supervise(cfg: Config, archive: Archive, n: int, stop: threading.Event) -> int:
+def _supervise(cfg: Config, archive: Archive, n: int, stop: StopFlag) -> int:
     """Fork ``n`` receivers; restart one that dies after recovering its spool folder; stop them all."""
     children: dict[int, tuple[str, float]] = {}
     parent = os.getpid()
@@ -148,7 +170,7 @@ def _supervise(cfg: Config, archive: Archive, n: int, stop: threading.Event) -> 
         pid = os.fork()
         if pid == 0:  # child: its own signal handling, then serve
             _die_with_parent(parent)
-            child_stop = threading.Event()
+            child_stop = StopFlag()
             signal.signal(signal.SIGTERM, lambda *_: child_stop.set())
             signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides
             code = 0
@@ -167,20 +189,31 @@ def _supervise(cfg: Config, archive: Archive, n: int, stop: threading.Event) -> 
         spawn(str(i))
     quick_deaths = 0
     code = 0
+    pending: list[tuple[str, int, int]] = []
     while not stop.is_set():
         try:
             pid, status = os.waitpid(-1, os.WNOHANG)
         except ChildProcessError:
             break
-        if pid and pid in children and not stop.is_set():
+        if pid and pid in children:
             slot, started = children.pop(pid)
+            if stop.is_set():
+                continue
             quick_deaths = quick_deaths + 1 if time.monotonic() - started < _QUICK_DEATH_S else 0
             if quick_deaths >= _MAX_QUICK_DEATHS:
                 log.error("receivers keep dying at start; giving up", slot=slot, status=status)
                 code = 1
                 break
-            finished, dropped, _ = recover(archive, slots=[slot])
-            log.error("receiver process died; restarting", pid=pid, status=status, slot=slot,
+            pending.append((slot, pid, status))
+        for item in list(pending):  # never respawn into a slot whose spool folder is not recovered
+            slot, dead_pid, status = item
+            try:
+                finished, dropped, _ = recover(archive, slots=[slot])
+            except Exception as exc:  # noqa: BLE001 - retried on the next round; the other receivers go on
+                log.error("recovery of a dead receiver's files failed; retrying", slot=slot, error=str(exc))
+                continue
+            pending.remove(item)
+            log.error("receiver process died; restarting", pid=dead_pid, status=status, slot=slot,
                       recovered=finished, dropped_partial=dropped)  # fmt: skip
             spawn(slot)
         stop.wait(0.2)

@@ -193,3 +193,16 @@ def test_a_header_longer_than_the_read_buffer_is_parsed_from_the_file(tmp_path: 
     ds.save_as(p)
     tags = read_index_tags(str(p))
     assert tags.study_uid == ds.StudyInstanceUID and tags.patient_id == "PAT1"
+
+
+def test_a_copy_whose_indexed_file_is_missing_replaces_it_instead_of_already_stored(
+    archive: Archive, tmp_path: Path
+) -> None:
+    src = make_instance(tmp_path / "a.dcm")
+    first = put(archive, src)
+    first.path.unlink()  # lost behind our back (disk repair, an admin, an ambiguous commit…)
+    again = put(archive, src)
+    assert again.status == "Success" and again.path.read_bytes() == src.read_bytes()
+    with archive.db.connection_context():
+        assert Instance.select().count() == 1
+        assert Instance.get().file_uuid == again.path.name

@@ -53,6 +53,7 @@ class SpoolFile:
         self.name = str(directory / (self.uuid + SPOOL_SUFFIX))
         self.size = 0
         self.error: OSError | None = None
+        self.committed = False  # set once an index row names this file: from then on it is never discarded
         self._hash = hashlib.sha256()
         self._syncing: Future[None] | None = None
         try:
@@ -233,8 +234,9 @@ class FileStorage:
         finished = 0
         for uuid, p in spools.items():
             if uuid in keep:
-                os.rename(p, self.path(uuid))
-                finished += 1
+                with contextlib.suppress(FileNotFoundError):  # replaced meanwhile by a live receiver
+                    os.rename(p, self.path(uuid))
+                    finished += 1
             else:
                 leftovers.append(p)
         for p in leftovers:

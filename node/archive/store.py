@@ -186,7 +186,10 @@ def _index(archive: Archive, spool: SpoolFile, tags: IndexTags, ids: ResourceIds
         row = db.execute_sql(_sql(db, 'SELECT id, file_uuid FROM "instance" WHERE public_id = ?'),
                              (ids.instance,)).fetchone()  # fmt: skip
         if row is not None and not archive.overwrite:
-            return "AlreadyStored", None, row[1]
+            if archive.storage.locate(row[1]).exists():
+                return "AlreadyStored", None, row[1]
+            # The indexed copy's file is missing: the new copy takes its place instead of being dropped.
+            log.warning("indexed file missing; replaced by the new copy", instance=ids.instance, file_uuid=row[1])
         series_id, changes = _parents(archive, ids, tags, now, use_cache)
         values = (
             ids.instance, series_id, tags.sop_uid, json.dumps(tags.instance), spool.uuid, spool.size, spool.sha256,
@@ -244,6 +247,7 @@ def store(archive: Archive, spool: SpoolFile, tags: IndexTags, origin: Origin) -
     except BaseException:
         storage.discard_spool(spool.uuid)
         raise
+    spool.committed = status == "Success"
     if status == "AlreadyStored":
         storage.discard_spool(spool.uuid)
         return StoreResult(status, ids, storage.locate(uuid), spool.size)

@@ -34,6 +34,7 @@ _MSG_WAIT_S = 0.01  # longest reactor wait: release/abort/idle-timeout checks ru
 
 class _EventDUL(DULServiceProvider):
     _wake_fd: int
+    _wake_close: weakref.finalize
 
     def send_pdu(self, primitive: Any) -> None:
         super().send_pdu(primitive)
@@ -58,7 +59,7 @@ class _EventDUL(DULServiceProvider):
     def stop_dul(self) -> bool:
         stopped = super().stop_dul()
         if stopped:
-            _close(self._wake_fd)
+            self._wake_close()  # a weakref.finalize: closes the fd once, whoever gets there first
         return stopped
 
 
@@ -82,7 +83,7 @@ def make_event_driven(assoc: Any) -> None:
     dul = assoc.dul
     dul.__class__ = _EventDUL
     dul._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-    weakref.finalize(dul, _close, dul._wake_fd)  # in case stop_dul is never reached
+    dul._wake_close = weakref.finalize(dul, _close, dul._wake_fd)  # also runs if stop_dul is never reached
     dul._run_loop_delay = 0  # the wait happens in select() above
     assoc.dimse.__class__ = _EventDIMSE
 

@@ -212,7 +212,8 @@ class StoreSCP:
     ) -> Callable[[int, str, str], Dataset]:
         def fail(code: int, comment: str, reason: str) -> Dataset:
             spool.close()
-            self.archive.storage.discard_spool(spool.uuid)
+            if not spool.committed:  # an indexed file is never discarded, whatever failed afterwards
+                self.archive.storage.discard_spool(spool.uuid)
             st.failed += 1
             log.warning("store failed", sop_instance_uid=sop_uid, status=f"0x{code:04X}", reason=reason,
                         error=comment, peer_aet=event.assoc.requestor.ae_title, ms=elapsed_ms(t0))  # fmt: skip
