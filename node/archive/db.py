@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from peewee import Database, PostgresqlDatabase, SqliteDatabase
+from peewee import Database, SqliteDatabase
 from playhouse.db_url import connect as connect_url
 
 from node.archive.models import ALL_MODELS, SCHEMA_VERSION, Property, database
@@ -72,7 +72,3 @@ def write_transaction(db: Database) -> Iterator[Any]:
     else:
         with db.atomic() as tx:
             yield tx
-
-
-def is_postgres(db: Database) -> bool:
-    return isinstance(db, PostgresqlDatabase)

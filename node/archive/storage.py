@@ -116,12 +116,6 @@ class SpoolFile:
         if not self.file.closed:
             self.file.close()
 
-    def __enter__(self) -> SpoolFile:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
 
 class _ClosedFile(io.FileIO):
     """Stands in for a spool file that could not be created (its error is already recorded)."""
@@ -198,9 +192,6 @@ class FileStorage:
         for p in (self.path(uuid), *(d / (uuid + SPOOL_SUFFIX) for d in self._spool_dirs())):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(p)
-
-    def read_bytes(self, uuid: str) -> bytes:
-        return self.locate(uuid).read_bytes()
 
     def _spool_dirs(self) -> list[Path]:
         try:

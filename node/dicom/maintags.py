@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import io
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import IO, Any
 
 from pydicom.charset import convert_encodings, decode_bytes
@@ -65,7 +65,6 @@ class IndexTags:
     instance: dict[str, str]
     sop_class_uid: str
     transfer_syntax: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def patient_id(self) -> str:
