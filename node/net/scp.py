@@ -9,7 +9,6 @@ answers only once file and index row are durable.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import socket
 import threading
@@ -133,10 +132,6 @@ class StoreSCP:
     def on_established(self, event: evt.Event) -> None:
         SPOOLS.discard_orphans()
         rq = event.assoc.requestor
-        sock = getattr(event.assoc.dul.socket, "socket", None)
-        if sock is not None:
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._stats[event.assoc] = _AssocStats()
         log.info("association opened", peer_aet=rq.ae_title, peer=f"{rq.address}:{rq.port}", pid=os.getpid(),
                  called_aet=event.assoc.acceptor.ae_title, contexts=len(event.assoc.accepted_contexts))  # fmt: skip
