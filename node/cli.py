@@ -1,4 +1,4 @@
-"""The ``dicom-node`` command: serve, echo, store, stats."""
+"""The ``dicom-node`` command: serve, echo, store, stats, anonymize, modify."""
 
 from __future__ import annotations
 
@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     from node import cli_tools
 
     cli_tools.add_commands(sub, _add_config_flags)
+    from node import cli_edit
+
+    cli_edit.add_commands(sub)
     return parser
 
 

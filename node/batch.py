@@ -1,0 +1,181 @@
+"""Anonymize or modify folders of DICOM files: the engine behind ``dicom-node anonymize`` / ``modify``.
+
+One run is one Orthanc request: a single UID map for every file, so a study stays one study and a patient one
+patient. The map is a :class:`~node.dicom.uidmap.KeyedUidMap`, so worker processes (``--jobs``) agree on every
+new UID without talking to each other; with ``--key-file`` the same key gives the same pseudonyms in a later
+run (a study anonymized in several runs stays one study).
+
+Inputs are only ever read. Outputs go to ``OUT/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm``
+of the *result* (after anonymization no input name, which may hold a patient's name, reaches the output),
+written to a temporary name and linked into place, so an interrupted run never leaves a truncated file and an
+existing file is never overwritten unless asked.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import re
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from node.dicom import fileio
+from node.dicom.apply import apply
+from node.dicom.errors import RequestError
+from node.dicom.request import Modification
+from node.dicom.transcode import transcode
+from node.dicom.uidmap import KeyedUidMap
+
+_SAFE = re.compile(r"[^0-9A-Za-z._-]")
+
+
+@dataclass(frozen=True)
+class Job:
+    """Everything a worker needs; picklable."""
+
+    mod: Modification
+    out_dir: str
+    key: bytes
+    name_counter: int
+    overwrite: bool = False
+
+
+@dataclass(frozen=True)
+class Outcome:
+    source: str
+    status: str  # written | duplicate | skipped | failed
+    output: str = ""
+    reason: str = ""
+
+
+@dataclass
+class Summary:
+    outcomes: list[Outcome] = field(default_factory=list)
+
+    def count(self, status: str) -> int:
+        return sum(1 for o in self.outcomes if o.status == status)
+
+    @property
+    def failed(self) -> list[Outcome]:
+        return [o for o in self.outcomes if o.status == "failed"]
+
+
+def iter_inputs(paths: Iterable[str | os.PathLike[str]], exclude: Path | None = None) -> Iterator[Path]:
+    """Every file under ``paths`` (sorted, recursively), except those under ``exclude`` (the output folder)."""
+    excluded = exclude.resolve() if exclude is not None else None
+    for p in map(Path, paths):
+        if p.is_dir():
+            for root, dirs, files in os.walk(p):
+                rp = Path(root)
+                if excluded is not None and (rp.resolve() == excluded or excluded in rp.resolve().parents):
+                    dirs[:] = []
+                    continue
+                dirs.sort()
+                for name in sorted(files):
+                    yield rp / name
+        else:
+            yield p
+
+
+def safe_component(value: str) -> str:
+    """A path component from a UID: anything outside ``[0-9A-Za-z._-]`` becomes ``_`` (a modify can set any
+    value), never empty, never ``.``/``..``."""
+    cleaned = _SAFE.sub("_", value.strip())[:64]
+    return cleaned if cleaned.strip(".") else "_"
+
+
+def output_path(out_dir: str, loaded: fileio.Loaded) -> Path:
+    ds = loaded.ds
+    parts = [str(ds.get(k, "") or "") for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")]
+    return Path(out_dir, safe_component(parts[0]), safe_component(parts[1]), safe_component(parts[2]) + ".dcm")
+
+
+def edit(loaded: fileio.Loaded, job: Job, uid_map: KeyedUidMap) -> str | None:
+    """Apply the job to one loaded file; returns the output transfer syntax (None: unchanged)."""
+    apply(loaded.ds, job.mod, uid_map, patient_name_counter=job.name_counter)
+    if job.mod.transcode and job.mod.transcode != loaded.transfer_syntax:
+        transcode(loaded.ds, job.mod.transcode)
+        return job.mod.transcode
+    return None
+
+
+def _publish(chunks: list[Any], final: Path, overwrite: bool) -> str:
+    """Write to a temporary file beside ``final`` then link it in; returns '' or 'duplicate'."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".{final.name}.{os.getpid()}.tmp"
+    with open(tmp, "wb") as fh:
+        fh.writelines(chunks)
+    try:
+        if overwrite:
+            os.replace(tmp, final)
+            return ""
+        try:
+            os.link(tmp, final)
+        except FileExistsError:
+            if final.read_bytes() == b"".join(bytes(c) for c in chunks):
+                return "duplicate"
+            raise FileExistsError(f"output {final} already exists with other content (use --overwrite)") from None
+        return ""
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+_worker: dict[str, Any] = {}
+
+
+def _init(job: Job) -> None:
+    _worker["job"] = job
+    _worker["map"] = KeyedUidMap(job.key)
+
+
+def process_one(path: str) -> Outcome:
+    """Load, edit and write one file (runs in a worker). Never raises: every problem becomes an Outcome."""
+    job: Job = _worker["job"]
+    try:
+        loaded = fileio.load(path)
+    except fileio.NotDicom as exc:
+        return Outcome(path, "skipped", reason=str(exc))
+    except Exception as exc:  # noqa: BLE001 - a malformed file is reported, never fatal
+        return Outcome(path, "failed", reason=f"cannot read DICOM: {type(exc).__name__}: {exc}")
+    if loaded.sop_class == fileio.MEDIA_STORAGE_DIRECTORY:
+        return Outcome(path, "skipped", reason="DICOMDIR (a media index, not an instance)")
+    try:
+        ts = edit(loaded, job, _worker["map"])
+        final = output_path(job.out_dir, loaded)
+        status = _publish(fileio.encode(loaded, ts), final, job.overwrite)
+    except RequestError as exc:
+        return Outcome(path, "failed", reason=str(exc))
+    except Exception as exc:  # noqa: BLE001
+        return Outcome(path, "failed", reason=f"{type(exc).__name__}: {exc}")
+    return Outcome(path, status or "written", output=str(final))
+
+
+def run(
+    inputs: list[str],
+    job: Job,
+    *,
+    jobs: int = 1,
+    on_outcome: Callable[[Outcome], None] | None = None,
+) -> Summary:
+    """Process every input file; ``jobs`` worker processes (1: in this process)."""
+    summary = Summary()
+    if jobs <= 1 or len(inputs) < 2:
+        _init(job)
+        results: Iterable[Outcome] = map(process_one, inputs)
+        pool = None
+    else:
+        ctx = multiprocessing.get_context("fork")
+        pool = ctx.Pool(jobs, initializer=_init, initargs=(job,))
+        results = pool.imap(process_one, inputs, chunksize=max(1, min(16, len(inputs) // (jobs * 8))))
+    try:
+        for outcome in results:
+            summary.outcomes.append(outcome)
+            if on_outcome is not None:
+                on_outcome(outcome)
+    finally:
+        if pool is not None:
+            pool.close()
+            pool.join()
+    return summary

@@ -1,0 +1,82 @@
+"""Change the transfer syntax of a dataset with pydicom's pixel codecs (``Transcode`` in a request).
+
+Decoding uses whichever pydicom plugin is installed (gdcm for JPEG, pylibjpeg-openjpeg for JPEG 2000,
+pyjpegls for JPEG-LS, pydicom itself for RLE); encoding is limited to what pydicom can encode: RLE Lossless,
+JPEG-LS (lossless and near-lossless) and JPEG 2000 (lossless and lossy), plus the uncompressed syntaxes.
+Anything else is refused with a message listing what is possible: pydicom has no JPEG baseline encoder.
+"""
+
+from __future__ import annotations
+
+from pydicom.dataset import Dataset
+from pydicom.pixels import get_encoder
+from pydicom.uid import (
+    JPEG2000,
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+)
+
+from node.dicom.errors import NotSupported
+
+UNCOMPRESSED = (ImplicitVRLittleEndian, ExplicitVRLittleEndian, DeflatedExplicitVRLittleEndian)
+ENCODABLE = (RLELossless, JPEGLSLossless, JPEGLSNearLossless, JPEG2000Lossless, JPEG2000)
+#: Options for the lossy encoders: JPEG-LS with an error of at most 2, JPEG 2000 at a 10:1 ratio.
+LOSSY_OPTIONS = {JPEGLSNearLossless: {"jls_error": 2}, JPEG2000: {"j2k_cr": [10]}}
+LOSSY_METHOD = {JPEGLSNearLossless: "ISO_14495_1", JPEG2000: "ISO_15444_1"}
+PIXEL_DATA = 0x7FE00010
+
+
+def supported_targets() -> list[UID]:
+    """Transfer syntaxes we can write on this machine (depends on the installed encoders)."""
+    out = list(UNCOMPRESSED)
+    out += [uid for uid in ENCODABLE if get_encoder(uid).is_available]
+    return out
+
+
+def _current(ds: Dataset) -> UID:
+    meta = getattr(ds, "file_meta", None)
+    ts = meta.get("TransferSyntaxUID") if meta is not None else None
+    if ts is None:
+        implicit, little = ds.original_encoding
+        return ImplicitVRLittleEndian if implicit else (ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
+    return UID(str(ts))
+
+
+def transcode(ds: Dataset, target: str) -> bool:
+    """Re-encode ``ds`` (in place) in ``target``; True when the result is lossy-compressed.
+
+    Raises :class:`~node.dicom.errors.NotSupported` naming the target and what is possible instead.
+    """
+    target = UID(target)
+    source = _current(ds)
+    if target == source:
+        return False
+    if target not in supported_targets():
+        names = ", ".join(f"{u} ({u.name})" for u in supported_targets())
+        raise NotSupported(f"cannot transcode to {target} ({target.name or 'unknown transfer syntax'}): "
+                           f"no encoder installed; possible targets: {names}")  # fmt: skip
+    try:
+        if PIXEL_DATA in ds and source.is_compressed:
+            ds.decompress()
+        if target in UNCOMPRESSED:
+            ds.file_meta.TransferSyntaxUID = target
+            return False
+        if PIXEL_DATA not in ds:
+            raise NotSupported(f"cannot transcode to {target.name}: the instance has no pixel data")
+        ds.compress(target, **LOSSY_OPTIONS.get(target, {}))
+    except NotSupported:
+        raise
+    except Exception as exc:  # noqa: BLE001 - codec plugins raise anything; the message names the cause
+        raise NotSupported(f"cannot transcode from {source.name} to {target.name}: {exc}") from None
+    if target in LOSSY_METHOD:
+        ds.LossyImageCompression = "01"
+        ds.LossyImageCompressionMethod = LOSSY_METHOD[target]
+        return True
+    return False
