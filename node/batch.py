@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pydicom import config as pydicom_config
+
 from node.dicom import fileio
 from node.dicom.apply import apply
 from node.dicom.errors import RequestError
@@ -103,7 +105,10 @@ def edit(loaded: fileio.Loaded, job: Job, uid_map: KeyedUidMap) -> str | None:
 
 def _publish(chunks: list[Any], final: Path, overwrite: bool) -> str:
     """Write to a temporary file beside ``final`` then link it in; returns '' or 'duplicate'."""
-    final.parent.mkdir(parents=True, exist_ok=True)
+    made: set[Path] = _worker.setdefault("dirs", set())
+    if final.parent not in made:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        made.add(final.parent)
     tmp = final.parent / f".{final.name}.{os.getpid()}.tmp"
     with open(tmp, "wb") as fh:
         fh.writelines(chunks)
@@ -126,8 +131,12 @@ _worker: dict[str, Any] = {}
 
 
 def _init(job: Job) -> None:
+    # Values we write are checked by the request parser; pydicom's per-assignment regex checks only cost time.
+    pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
+    pydicom_config.settings.writing_validation_mode = pydicom_config.IGNORE
     _worker["job"] = job
     _worker["map"] = KeyedUidMap(job.key)
+    _worker["dirs"] = set()
 
 
 def process_one(path: str) -> Outcome:

@@ -146,7 +146,7 @@ def _visit_item(item: Dataset, stack: Stack, ctx: _Context) -> None:
         if mod.remove_private and _is_private(tag):
             del item[tag]
             continue
-        if tag in mod.nested_removals or (mod.removed_ranges and ctx.in_range(tag)):
+        if tag in mod.nested_removals or (tag >> 24 in (0x50, 0x60) and ctx.in_range(tag)):
             del item[tag]
             continue
         vr = element_vr(item, tag)
@@ -259,9 +259,9 @@ def apply(ds: Dataset, mod: Modification, uid_map: UidMap, *, patient_name_count
     for tag in mod.removals.intersection(ds.keys()):
         del ds[tag]
     if mod.removed_ranges:
-        ranges = mod.removed_ranges
-        for tag in [t for t in ds.keys() if t not in mod.keep and any(t & m == v for m, v in ranges)]:
-            del ds[tag]
+        for tag in [t for t in ds.keys() if t >> 24 in (0x50, 0x60) and t not in mod.keep]:
+            if any(tag & m == v for m, v in mod.removed_ranges):
+                del ds[tag]
 
     # 5. Replace (inserted if absent).
     for tag, value in mod.replacements.items():

@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import io
 import os
+import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from pydicom.charset import convert_encodings
 from pydicom.dataelem import RawDataElement
@@ -133,6 +135,62 @@ def encode(loaded: Loaded, transfer_syntax: str | None = None) -> list[bytes | m
     return chunks
 
 
+_ITEM = 0xFFFEE000
+_ITEM_DELIMITER = 0xFFFEE00D
+_SEQUENCE_DELIMITER = 0xFFFEE0DD
+_UNDEFINED = 0xFFFFFFFF
+
+
+def _element_header(tag: int, vr: str, length: int, implicit: bool, little: bool) -> bytes | None:
+    """Tag, VR and length as they precede a value (None if the length does not fit a 16-bit length VR)."""
+    e = "<" if little else ">"
+    if implicit:
+        return struct.pack(e + "HHI", tag >> 16, tag & 0xFFFF, length)
+    if vr in EXPLICIT_VR_LENGTH_32:
+        return struct.pack(e + "HH2s2xI", tag >> 16, tag & 0xFFFF, vr.encode("ascii"), length)
+    if length > 0xFFFF:
+        return None
+    return struct.pack(e + "HH2sH", tag >> 16, tag & 0xFFFF, vr.encode("ascii"), length)
+
+
+def _encode_item(item: Dataset, implicit: bool, little: bool, encodings: list[str] | None, out: DicomBytesIO) -> None:
+    """One sequence item, undefined length, as pydicom writes it; raw elements are emitted without decoding.
+
+    pydicom's own writer encodes every element through a new buffer, which made writing the nested sequences
+    of a typical CT header cost more than everything else together.
+    """
+    if 0x00080005 in item:
+        encodings = convert_encodings(item[0x00080005].value)
+    e = "<" if little else ">"
+    out.write(struct.pack(e + "HHI", 0xFFFE, 0xE000, _UNDEFINED))
+    for tag in sorted(item.keys()):
+        if tag & 0xFFFF == 0:
+            continue
+        elem = item._dict[tag]
+        if isinstance(elem, RawDataElement) and elem.value is not None and elem.length != _UNDEFINED:
+            vr = elem.VR or "UN"
+            header = _element_header(tag, vr, len(elem.value), implicit, little)
+            if header is not None and (implicit or elem.VR):
+                out.write(header)
+                out.write(elem.value)
+                continue
+        elif not isinstance(elem, RawDataElement) and elem.VR == "SQ":
+            _encode_sequence(elem, implicit, little, encodings, out)
+            continue
+        write_data_element(out, item.get_item(tag), encodings)
+    out.write(struct.pack(e + "HHI", 0xFFFE, 0xE00D, 0))
+
+
+def _encode_sequence(elem: Any, implicit: bool, little: bool, encodings: list[str] | None, out: DicomBytesIO) -> None:
+    e = "<" if little else ">"
+    header = _element_header(elem.tag, "SQ", _UNDEFINED, implicit, little)
+    assert header is not None
+    out.write(header)
+    for item in elem.value:
+        _encode_item(item, implicit, little, encodings, out)
+    out.write(struct.pack(e + "HHI", 0xFFFE, 0xE0DD, 0))
+
+
 def _body_chunks(loaded: Loaded) -> Iterator[bytes | memoryview]:
     ds, view = loaded.ds, memoryview(loaded.data)
     implicit, little = ds.original_encoding
@@ -150,6 +208,8 @@ def _body_chunks(loaded: Loaded) -> Iterator[bytes | memoryview]:
                 pending.is_little_endian, pending.is_implicit_VR = little, implicit
             start = elem.value_tell - _header_length(elem, implicit)
             yield view[start : elem.value_tell + elem.length]
+        elif not isinstance(elem, RawDataElement) and elem.VR == "SQ":
+            _encode_sequence(elem, implicit, little, encodings, pending)
         else:
             if isinstance(elem, RawDataElement) and elem.value is None:
                 elem = ds.get_item(tag)  # deferred with undefined length (encapsulated pixel data): read it now
