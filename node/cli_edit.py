@@ -25,6 +25,7 @@ from node import batch
 from node.dicom import fileio, preview
 from node.dicom.errors import RequestError
 from node.dicom.request import Modification, parse_anonymize, parse_modify
+from node.dicom.transcode import check_target
 from node.dicom.uidmap import KeyedUidMap
 
 
@@ -92,6 +93,8 @@ def _dry_run(inputs: list[str], job: batch.Job, show_values: bool) -> int:
 def cmd_edit(args: argparse.Namespace) -> int:
     try:
         mod = _parse(args)
+        if mod.transcode:
+            check_target(mod.transcode)
         key = _key(args.key_file)
     except RequestError as exc:
         print(f"dicom-node {args.command}: {exc}", file=sys.stderr)

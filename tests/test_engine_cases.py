@@ -81,6 +81,13 @@ def item(**tags: Any) -> Dataset:
     return ds
 
 
+def evidence_item(study: str, series: str, sop: str, sop_class: str = CT_IMAGE_STORAGE) -> Dataset:
+    """One study > series > SOP reference item, as in ReferencedImageEvidenceSequence and the like."""
+    sop_ref = item(ReferencedSOPClassUID=sop_class, ReferencedSOPInstanceUID=sop)
+    return item(StudyInstanceUID=study, ReferencedSeriesSequence=[item(SeriesInstanceUID=series,
+                                                                       ReferencedSOPSequence=[sop_ref])])  # fmt: skip
+
+
 def build(*, patient_id: str | None = "PAT1", study: str | None = None, series: str | None = None,
           sop: str | None = None, sop_class: str = CT_IMAGE_STORAGE, pixels: bool = False,
           **tags: Any) -> Dataset:  # fmt: skip
@@ -112,7 +119,8 @@ def build(*, patient_id: str | None = "PAT1", study: str | None = None, series: 
 
 
 def gradient() -> np.ndarray:
-    """A smooth 64x64 16-bit image (J2K needs 32+ pixels for its default 6 resolutions) (easy for lossy encoders, exact for lossless ones)."""
+    """A smooth 64x64 16-bit image: easy for lossy encoders, exact for lossless ones (OpenJPEG's default 6
+    resolution levels need at least 32 pixels a side)."""
     y, x = np.mgrid[0:64, 0:64]
     return ((x + y) * 100).astype(np.uint16)
 
@@ -485,11 +493,10 @@ def test_case_19_study_modify_keeps_two_series_apart() -> None:
     modify(instances, {}, Level.STUDY)
     after = [ids(ds) for ds in instances]
     assert len({a.study for a in after}) == 1 and after[0].study != before[0].study
-    new_series_of = {b.series: {a.series for a, b2 in zip(after, before, strict=True) if b2.series == b.series}
-                     for b in before}  # fmt: skip
-    assert all(len(new) == 1 for new in new_series_of.values())
-    new_series = {next(iter(new)) for new in new_series_of.values()}
-    assert len(new_series) == 2 and new_series.isdisjoint(new_series_of)
+    pairs = {(b.series, a.series) for b, a in zip(before, after, strict=True)}  # (original, new) series
+    assert len(pairs) == 2  # each original series went to exactly one new series
+    assert len({new for _, new in pairs}) == 2
+    assert {new for _, new in pairs}.isdisjoint(old for old, _ in pairs)
     assert len({a.sop for a in after}) == 8 and {a.sop for a in after}.isdisjoint({b.sop for b in before})
     assert {a.patient for a in after} == {"887"}
 
@@ -669,10 +676,7 @@ def test_case_38_replace_paths_in_subsequences() -> None:
     ds = build()
     ds.DimensionIndexSequence = [item(DimensionDescriptionLabel=f"L{i}") for i in range(3)]
     refs = [generate_uid() for _ in range(3)]
-    ds.ReferencedImageEvidenceSequence = [item(StudyInstanceUID=ds.StudyInstanceUID, ReferencedSeriesSequence=[
-        item(SeriesInstanceUID=ds.SeriesInstanceUID, ReferencedSOPSequence=[
-            item(ReferencedSOPClassUID=CT_IMAGE_STORAGE, ReferencedSOPInstanceUID=ref)])])
-        for ref in refs]  # fmt: skip
+    ds.ReferencedImageEvidenceSequence = [evidence_item(ds.StudyInstanceUID, ds.SeriesInstanceUID, ref) for ref in refs]
     ds.DimensionOrganizationSequence = [item(DimensionOrganizationUID="1.2.3.1")]
     ds = reload(ds)
     untouched = as_json(ds, "ReferencedImageEvidenceSequence")[1]
@@ -701,8 +705,8 @@ def test_case_39_remove_paths_in_subsequences() -> None:
                                                         ReferencedSOPInstanceUID=generate_uid())]  # fmt: skip
     ds.PerformedProtocolCodeSequence = [item(CodeValue="A", CodeMeaning="first"),
                                         item(CodeValue="B", CodeMeaning="second")]  # fmt: skip
-    ds.SharedFunctionalGroupsSequence = [item(ReferencedImageSequence=[
-        item(ReferencedSOPClassUID=CT_IMAGE_STORAGE, ReferencedSOPInstanceUID=generate_uid()) for _ in range(3)])]
+    images = [item(ReferencedSOPClassUID=CT_IMAGE_STORAGE, ReferencedSOPInstanceUID=generate_uid()) for _ in range(3)]
+    ds.SharedFunctionalGroupsSequence = [item(ReferencedImageSequence=images)]
     ds = reload(ds)
     modify([ds], {"Remove": [
         "ReferencedPerformedProcedureStepSequence",
@@ -729,9 +733,7 @@ def test_case_40_anonymize_with_kept_subsequences_and_private_tags() -> None:
     ds = build(SeriesDate="20200101", StudyDescription="Knee", PerformedProcedureStepStartDate="20200101",
                StudyDate="20200101", ContentDate="20200101", StudyTime="101010", ContentTime="101010")  # fmt: skip
     org_uid, creator_uid, frame_sop = generate_uid(), generate_uid(), generate_uid()
-    ds.ReferencedImageEvidenceSequence = [item(StudyInstanceUID=ds.StudyInstanceUID, ReferencedSeriesSequence=[
-        item(SeriesInstanceUID=ds.SeriesInstanceUID, ReferencedSOPSequence=[
-            item(ReferencedSOPClassUID=CT_IMAGE_STORAGE, ReferencedSOPInstanceUID=generate_uid())])])]
+    ds.ReferencedImageEvidenceSequence = [evidence_item(ds.StudyInstanceUID, ds.SeriesInstanceUID, generate_uid())]
     ds.DimensionIndexSequence = [item(DimensionOrganizationUID=org_uid, DimensionDescriptionLabel=f"L{i}")
                                  for i in range(2)]  # fmt: skip
     ds.DimensionOrganizationSequence = [item(DimensionOrganizationUID=org_uid)]
@@ -819,10 +821,9 @@ def test_case_44_keep_content_sequence_of_an_sr() -> None:
         item(RelationshipType="CONTAINS", ValueType="IMAGE", ReferencedSOPSequence=[
             item(ReferencedSOPClassUID=MR_IMAGE_STORAGE, ReferencedSOPInstanceUID=mr.SOPInstanceUID)]),
     ]  # fmt: skip
-    sr.CurrentRequestedProcedureEvidenceSequence = [item(
-        StudyInstanceUID=mr.StudyInstanceUID, ReferencedSeriesSequence=[item(
-            SeriesInstanceUID=mr.SeriesInstanceUID, ReferencedSOPSequence=[item(
-                ReferencedSOPClassUID=MR_IMAGE_STORAGE, ReferencedSOPInstanceUID=mr.SOPInstanceUID)])])]  # fmt: skip
+    sr.CurrentRequestedProcedureEvidenceSequence = [
+        evidence_item(mr.StudyInstanceUID, mr.SeriesInstanceUID, mr.SOPInstanceUID, MR_IMAGE_STORAGE)
+    ]
     sr = reload(sr)
     content = as_json(sr, "ContentSequence")
     anonymize([mr, sr], {"Keep": ["ContentSequence"]})
@@ -885,7 +886,8 @@ def test_case_47_transcode_to_jpeg_baseline_is_refused_clearly() -> None:
     ds = make(pixels=True)
     run(mod, [ds])
     pixels = bytes(ds.PixelData)
-    with pytest.raises(NotSupported, match=r"1\.2\.840\.10008\.1\.2\.4\.50.*possible targets: .*1\.2\.840\.10008\.1\.2\.5"):
+    message = r"1\.2\.840\.10008\.1\.2\.4\.50.*possible targets: .*1\.2\.840\.10008\.1\.2\.5 "
+    with pytest.raises(NotSupported, match=message):
         transcode(ds, mod.transcode)
     assert ds.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
     assert bytes(ds.PixelData) == pixels
@@ -931,6 +933,7 @@ def test_case_48_instance_modify_transcode_keeping_the_sop_uid(target: str, loss
 def test_case_61_nested_patient_name_takes_the_pseudonym() -> None:
     """Case 61, inverted: deviations.md. Orthanc leaves a nested PatientName untouched by REST anonymization;
     we give it the top-level pseudonym, or empty it when the top-level PatientName is removed."""
+
     def with_nested_names() -> Dataset:
         ds = build(PatientName="Doe^John")
         ds.DimensionIndexSequence = [item(PatientName="Doe^John", DimensionDescriptionLabel=f"L{i}") for i in range(3)]
@@ -1106,21 +1109,27 @@ def test_case_72_instance_modify_level_is_auto_detected() -> None:
 
 def test_section_2_7_references_to_kept_uids_are_kept() -> None:
     """§2.7, inverted: deviations.md. Orthanc keeps a kept Study/Series/SOP UID at the top level only and
-    remaps nested references to it; we keep the references too. A UID that is not kept (FrameOfReferenceUID)
-    is still remapped."""
+    remaps nested references to it; we keep the references too. UIDs that are not kept (FrameOfReferenceUID,
+    a nested DimensionOrganizationUID) are still remapped."""
     study, series = generate_uid(), generate_uid()
     target = make(study=study, series=series)
     ref = build(study=study, series=series, FrameOfReferenceUID=generate_uid())
     ref.ReferencedImageSequence = [item(ReferencedSOPClassUID=CT_IMAGE_STORAGE,
                                         ReferencedSOPInstanceUID=target.SOPInstanceUID)]  # fmt: skip
     ref.RelatedSeriesSequence = [item(StudyInstanceUID=study, SeriesInstanceUID=series)]
+    old_org = generate_uid()
+    ref.DimensionOrganizationSequence = [item(DimensionOrganizationUID=old_org)]
     ref = reload(ref)
     old_for = ref.FrameOfReferenceUID
-    anonymize([target, ref], {"Keep": ["StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"], "Force": True})
+    uid_map = anonymize(
+        [target, ref], {"Keep": ["StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"], "Force": True}
+    )
     assert ref.ReferencedImageSequence[0].ReferencedSOPInstanceUID == target.SOPInstanceUID
     assert ref.RelatedSeriesSequence[0].StudyInstanceUID == study == ref.StudyInstanceUID
     assert ref.RelatedSeriesSequence[0].SeriesInstanceUID == series == ref.SeriesInstanceUID
     assert ref.FrameOfReferenceUID != old_for
+    new_org = ref.DimensionOrganizationSequence[0].DimensionOrganizationUID
+    assert new_org == uid_map.map(Level.INSTANCE, old_org) != old_org
 
 
 def test_section_3_2_multi_valued_ui_remapped_value_by_value() -> None:

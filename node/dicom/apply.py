@@ -146,6 +146,10 @@ def _visit_item(item: Dataset, stack: Stack, ctx: _Context) -> None:
         if mod.remove_private and _is_private(tag):
             del item[tag]
             continue
+        if tag == PATIENT_NAME:
+            if PATIENT_NAME not in mod.keep:  # the top-level pseudonym, or empty if removed (deviation 61)
+                item[tag] = DataElement(tag, "PN", ctx.patient_name)
+            continue
         if tag in mod.nested_removals or (tag >> 24 in (0x50, 0x60) and ctx.in_range(tag)):
             del item[tag]
             continue
@@ -171,9 +175,6 @@ def _visit_value(item: Dataset, tag: int, stack: Stack, ctx: _Context) -> None:
         if not ((level is Level.STUDY and mod.keep_study_uid) or (level is Level.SERIES and mod.keep_series_uid)
                 or (level is Level.INSTANCE and mod.keep_sop_uid)):  # fmt: skip
             _remap(item, tag, level, ctx.uid_map)
-    elif tag == PATIENT_NAME:
-        if PATIENT_NAME not in mod.keep:
-            item[tag] = DataElement(tag, "PN", ctx.patient_name)
     elif tag in mod.nested_uids:
         if tag == PATIENT_ID:
             _remap(item, tag, Level.PATIENT, ctx.uid_map)
@@ -189,13 +190,14 @@ def _visit_value(item: Dataset, tag: int, stack: Stack, ctx: _Context) -> None:
             _remap(item, tag, Level.INSTANCE, ctx.uid_map)
 
 
-def _remove_private_everywhere(ds: Dataset, keep: set[int]) -> None:
+def _remove_private_in_sequences(ds: Dataset) -> None:
+    """Private elements inside every item (deviation 63); a top-level Keep does not reach nested copies."""
     for tag in list(ds.keys()):
         if _is_private(tag):
             del ds[tag]
         elif element_vr(ds, tag) == "SQ":
             for item in ds[tag].value:
-                _remove_private_everywhere(item, keep)
+                _remove_private_in_sequences(item)
 
 
 def _select(ds: Dataset, prefix: tuple[tuple[Any, int | None], ...]) -> Iterator[Dataset]:
@@ -245,13 +247,12 @@ def apply(ds: Dataset, mod: Modification, uid_map: UidMap, *, patient_name_count
     # 2. Private elements (top level here; nested ones in the visitor, or everywhere for /modify: deviation 63).
     if mod.remove_private:
         keep = set(mod.private_keep) | {_creator_of(t) for t in mod.private_keep}
-        if mod.is_anonymization:
-            for tag in [t for t in ds.keys() if _is_private(t) and t not in keep]:
-                del ds[tag]
-        else:
-            _remove_private_everywhere(ds, keep)
-            for tag in [t for t in ds.keys() if _is_private(t) and t not in keep]:
-                del ds[tag]
+        for tag in [t for t in ds.keys() if _is_private(t) and t not in keep]:
+            del ds[tag]
+        if not mod.is_anonymization:
+            for tag in [t for t in ds.keys() if element_vr(ds, t) == "SQ"]:
+                for item in ds[tag].value:
+                    _remove_private_in_sequences(item)
 
     # 3. Clear (only what exists), 4. remove (and curves/overlays at the top level too: deviation 62).
     for tag in mod.clearings.intersection(ds.keys()):

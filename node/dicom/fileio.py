@@ -84,12 +84,31 @@ def load(source: str | os.PathLike[str] | bytes) -> Loaded:
         ds = dcmread(io.BytesIO(data), defer_size=DEFER_SIZE, force=not has_prefix)
     except InvalidDicomError as exc:
         raise NotDicom(f"not a DICOM file: {exc}") from None
+    _check_complete(ds, len(data))
     meta = getattr(ds, "file_meta", None)
     ts = meta.get("TransferSyntaxUID") if meta is not None else None
     if ts is None:
         implicit, little = ds.original_encoding
         ts = ImplicitVRLittleEndian if implicit else (ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
     return Loaded(ds, data, UID(str(ts)))
+
+
+class Truncated(ValueError):
+    """The file ends inside an element: a partial copy, never to be passed on as if it were whole."""
+
+
+def _check_complete(ds: Dataset, size: int) -> None:
+    """pydicom reads a truncated file without complaint; the last element tells whether it is whole."""
+    if not ds._dict:
+        raise NotDicom("no data elements")
+    tag = max(ds._dict)
+    elem = ds._dict[tag]
+    if not isinstance(elem, RawDataElement) or elem.length == 0xFFFFFFFF:
+        return
+    short = len(elem.value) < elem.length if elem.value is not None else elem.value_tell + elem.length > size
+    if short:
+        raise Truncated(f"truncated file: element ({tag >> 16:04x},{tag & 0xFFFF:04x}) needs {elem.length} bytes "
+                        f"at offset {elem.value_tell}, the file has {size}")
 
 
 def new_file_meta(ds: Dataset, transfer_syntax: str) -> FileMetaDataset:

@@ -40,6 +40,15 @@ def supported_targets() -> list[UID]:
     return out
 
 
+def check_target(target: str) -> None:
+    """Refuse a target we cannot write before any instance is touched."""
+    if UID(target) not in supported_targets():
+        target = UID(target)
+        names = ", ".join(f"{u} ({u.name})" for u in supported_targets())
+        raise NotSupported(f"cannot transcode to {target} ({target.name or 'unknown transfer syntax'}): "
+                           f"no encoder installed; possible targets: {names}")  # fmt: skip
+
+
 def _current(ds: Dataset) -> UID:
     meta = getattr(ds, "file_meta", None)
     ts = meta.get("TransferSyntaxUID") if meta is not None else None
@@ -52,25 +61,25 @@ def _current(ds: Dataset) -> UID:
 def transcode(ds: Dataset, target: str) -> bool:
     """Re-encode ``ds`` (in place) in ``target``; True when the result is lossy-compressed.
 
+    The SOP Instance UID is left alone: a job keeps the modified one (spec §4.2); the instance-level REST route
+    gives a lossy result a new one, as Orthanc does (edge case 48), using the returned flag.
+
     Raises :class:`~node.dicom.errors.NotSupported` naming the target and what is possible instead.
     """
     target = UID(target)
     source = _current(ds)
     if target == source:
         return False
-    if target not in supported_targets():
-        names = ", ".join(f"{u} ({u.name})" for u in supported_targets())
-        raise NotSupported(f"cannot transcode to {target} ({target.name or 'unknown transfer syntax'}): "
-                           f"no encoder installed; possible targets: {names}")  # fmt: skip
+    check_target(target)
     try:
         if PIXEL_DATA in ds and source.is_compressed:
-            ds.decompress()
+            ds.decompress(generate_instance_uid=False)
         if target in UNCOMPRESSED:
             ds.file_meta.TransferSyntaxUID = target
             return False
         if PIXEL_DATA not in ds:
             raise NotSupported(f"cannot transcode to {target.name}: the instance has no pixel data")
-        ds.compress(target, **LOSSY_OPTIONS.get(target, {}))
+        ds.compress(target, generate_instance_uid=False, **LOSSY_OPTIONS.get(target, {}))
     except NotSupported:
         raise
     except Exception as exc:  # noqa: BLE001 - codec plugins raise anything; the message names the cause
