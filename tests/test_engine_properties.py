@@ -41,8 +41,11 @@ bodies = st.fixed_dictionaries(
         "KeepPrivateTags": st.booleans(),
         "Keep": st.lists(st.sampled_from(TAGS), max_size=3, unique=True),
         "Remove": st.lists(st.sampled_from(TAGS), max_size=2, unique=True),
-        "Replace": st.dictionaries(st.sampled_from(["InstitutionName", "StudyDescription", "PatientName"]),
-                                   st.text(alphabet="ABCxyz 019^", max_size=12), max_size=2),  # fmt: skip
+        "Replace": st.dictionaries(
+            st.sampled_from(["InstitutionName", "StudyDescription", "PatientName"]),
+            st.text(alphabet="ABCxyz 019^", max_size=12),
+            max_size=2,
+        ),
     },
 )
 
