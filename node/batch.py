@@ -96,7 +96,7 @@ def output_path(out_dir: str, loaded: fileio.Loaded) -> Path:
 
 def edit(loaded: fileio.Loaded, job: Job, uid_map: KeyedUidMap) -> str | None:
     """Apply the job to one loaded file; returns the output transfer syntax (None: unchanged)."""
-    apply(loaded.ds, job.mod, uid_map, patient_name_counter=job.name_counter)
+    apply(loaded.ds, job.mod, uid_map, patient_name_counter=job.name_counter, sequence_cache=_worker.get("seq"))
     if job.mod.transcode and job.mod.transcode != loaded.transfer_syntax:
         transcode(loaded.ds, job.mod.transcode)
         return job.mod.transcode
@@ -137,6 +137,7 @@ def _init(job: Job) -> None:
     _worker["job"] = job
     _worker["map"] = KeyedUidMap(job.key)
     _worker["dirs"] = set()
+    _worker["seq"] = {}
 
 
 def process_one(path: str) -> Outcome:

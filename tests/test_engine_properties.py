@@ -87,3 +87,31 @@ def test_the_splice_writer_writes_what_pydicom_writes(body: dict, index: int, an
             del ds[tag]
     assert ours == theirs
     assert ours.file_meta.MediaStorageSOPInstanceUID == ours.SOPInstanceUID
+
+
+def _bytes(loaded: fileio.Loaded) -> bytes:
+    return b"".join(bytes(c) for c in fileio.encode(loaded))
+
+
+def test_the_sequence_cache_changes_nothing_but_the_time(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A job-wide cache of visited sequences gives the bytes the engine gives without it, for every instance
+    of a series (hits from the second instance on), and never hands one patient's pseudonym to another."""
+    nested_name = tmp_path / "nested-name.dcm"
+    ds = pydicom.dcmread(SAMPLES / "Knee" / "T1" / "IM-0001-0001.dcm")
+    item = pydicom.Dataset()
+    item.CodeValue, item.PatientName = "X1", "DOE^JOHN"
+    ds.ProcedureCodeSequence = pydicom.Sequence([item])
+    ds.save_as(nested_name)
+    files = [*sorted((SAMPLES / "Knee" / "T1").iterdir())[:6], SAMPLES / "DicomSeg.dcm", nested_name]
+    mod = parse_anonymize({"Keep": ["StudyDescription"]})
+    cache: dict = {}
+    for counter in (2, 2, 9):
+        for path in files:
+            with_cache = fileio.load(path)
+            apply(with_cache.ds, mod, KeyedUidMap(b"c" * 32), patient_name_counter=counter, sequence_cache=cache)
+            without = fileio.load(path)
+            apply(without.ds, mod, KeyedUidMap(b"c" * 32), patient_name_counter=counter)
+            assert _bytes(with_cache) == _bytes(without), (path, counter)
+    assert len(cache) >= 3
+    last = pydicom.dcmread(io.BytesIO(_bytes(with_cache)))
+    assert last.ProcedureCodeSequence[0].PatientName == "Anonymized9"

@@ -21,13 +21,15 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from pydicom.charset import convert_encodings
 from pydicom.datadict import dictionary_VR
-from pydicom.dataelem import DataElement
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
 
 from node.dicom.errors import RequestError
+from node.dicom.fileio import sequence_as_raw
 from node.dicom.levels import Level
 from node.dicom.request import (
     AUTO_PATIENT_NAME,
@@ -47,6 +49,7 @@ REFERENCED_SOP_INSTANCE_UID = 0x00081155
 REFERENCED_FRAME_OF_REFERENCE_SEQUENCE = 0x30060010
 RT_REFERENCED_STUDY_SEQUENCE = 0x30060012
 SPECIFIC_CHARACTER_SET = 0x00080005
+SEQUENCE_CACHE_SIZE = 4096
 UID_LEVEL = {STUDY_UID: Level.STUDY, SERIES_UID: Level.SERIES, SOP_UID: Level.INSTANCE}
 
 Stack = tuple[tuple[int, int], ...]  # (sequence tag, item index) from the top level down
@@ -227,11 +230,23 @@ def _replace_path(ds: Dataset, path: DicomPath, value: Any, mod: Modification, c
         _replace(item, int(path.final), value, mod, charset)
 
 
-def apply(ds: Dataset, mod: Modification, uid_map: UidMap, *, patient_name_counter: int | None = None) -> None:
+def apply(
+    ds: Dataset,
+    mod: Modification,
+    uid_map: UidMap,
+    *,
+    patient_name_counter: int | None = None,
+    sequence_cache: dict[Any, RawDataElement] | None = None,
+) -> None:
     """Modify or anonymize ``ds`` (and its ``file_meta``) in place.
 
     ``uid_map`` is shared by every instance of the request/job (that is what keeps a study a study);
     ``patient_name_counter`` is the N of ``Anonymized<N>`` when ``mod.needs_name_counter``.
+
+    ``sequence_cache``: a dict the caller keeps for one job (same ``mod`` and ``uid_map``). De-identifying a
+    top-level sequence is a pure function of its bytes, the request, the map and the pseudonym, and instances
+    of a series mostly repeat the same sequences: the cache maps the input bytes to the output bytes, so each
+    distinct sequence is decoded, visited and encoded once per job.
     """
     charset = ds[SPECIFIC_CHARACTER_SET].value if SPECIFIC_CHARACTER_SET in ds else None
     originals = {tag: _text(ds, tag) for tag in (PATIENT_ID, STUDY_UID, SERIES_UID, SOP_UID)}
@@ -291,11 +306,28 @@ def apply(ds: Dataset, mod: Modification, uid_map: UidMap, *, patient_name_count
         name = _text(ds, PATIENT_NAME) or ""
         ctx = _Context(mod, uid_map, name)
         keep_paths = bool(mod.keep_paths)
+        cacheable = sequence_cache is not None and not (mod.remove_paths or mod.replace_paths)
         for tag in list(ds.keys()):
             if (keep_paths and ctx.kept((), tag)) or element_vr(ds, tag) != "SQ":
                 continue
-            for index, item in enumerate(ds[tag].value):
+            raw = stored_element(ds, tag)
+            key = None
+            if cacheable and isinstance(raw, RawDataElement) and raw.value is not None and raw.value_tell >= 0:
+                key = (tag, raw.value, raw.is_implicit_VR, raw.is_little_endian, str(charset), name)
+                hit = sequence_cache.get(key)  # type: ignore[union-attr]
+                if hit is not None:
+                    ds._dict[tag] = hit
+                    continue
+            elem = ds[tag]
+            for index, item in enumerate(elem.value):
                 _visit_item(item, ((tag, index),), ctx)
+            if key is not None:
+                if len(sequence_cache) > SEQUENCE_CACHE_SIZE:  # type: ignore[arg-type]
+                    sequence_cache.clear()  # type: ignore[union-attr]
+                encodings = convert_encodings(charset) if charset else None
+                ds._dict[tag] = sequence_cache[key] = sequence_as_raw(  # type: ignore[index]
+                    elem, raw.is_implicit_VR, raw.is_little_endian, encodings
+                )
 
     # 8. Path-based (nested) removals, then replacements: they run last.
     for path in mod.remove_paths:

@@ -84,12 +84,13 @@ def load(source: str | os.PathLike[str] | bytes) -> Loaded:
         ds = dcmread(io.BytesIO(data), defer_size=DEFER_SIZE, force=not has_prefix)
     except InvalidDicomError as exc:
         raise NotDicom(f"not a DICOM file: {exc}") from None
-    _check_complete(ds, len(data))
     meta = getattr(ds, "file_meta", None)
     ts = meta.get("TransferSyntaxUID") if meta is not None else None
     if ts is None:
         implicit, little = ds.original_encoding
         ts = ImplicitVRLittleEndian if implicit else (ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
+    if ts != DeflatedExplicitVRLittleEndian:  # deflated: offsets are in the inflated stream, not in ``data``
+        _check_complete(ds, len(data))
     return Loaded(ds, data, UID(str(ts)))
 
 
@@ -210,6 +211,20 @@ def _encode_sequence(elem: Any, implicit: bool, little: bool, encodings: list[st
     out.write(struct.pack(e + "HHI", 0xFFFE, 0xE0DD, 0))
 
 
+def sequence_as_raw(elem: Any, implicit: bool, little: bool, encodings: list[str] | None) -> RawDataElement:
+    """A (visited) sequence element encoded back into a raw element, bytes as :func:`encode` writes them.
+
+    Such an element is written verbatim, and the engine can hand the same bytes to the next instance whose
+    sequence was identical (``apply(..., sequence_cache=…)``). ``value_tell`` is -1: it is not in the input.
+    """
+    out = DicomBytesIO()
+    out.is_little_endian, out.is_implicit_VR = little, implicit
+    for item in elem.value:
+        _encode_item(item, implicit, little, encodings, out)
+    # undefined length, the value without its delimiter: how pydicom keeps a raw sequence read from a file
+    return RawDataElement(elem.tag, "SQ", _UNDEFINED, out.getvalue(), -1, implicit, little, True)
+
+
 def _body_chunks(loaded: Loaded) -> Iterator[bytes | memoryview]:
     ds, view = loaded.ds, memoryview(loaded.data)
     implicit, little = ds.original_encoding
@@ -220,7 +235,11 @@ def _body_chunks(loaded: Loaded) -> Iterator[bytes | memoryview]:
         if tag & 0xFFFF == 0 or tag >> 16 == 0x0002:
             continue  # retired group lengths (now wrong) and any file meta kept in the dataset
         elem = ds._dict[tag]  # as stored: Dataset.get_item would read a deferred value into memory
-        if isinstance(elem, RawDataElement) and elem.length != 0xFFFFFFFF:
+        if isinstance(elem, RawDataElement) and elem.value_tell < 0:  # a sequence the engine rebuilt
+            pending.write(_element_header(tag, "SQ", _UNDEFINED, implicit, little) or b"")
+            pending.write(elem.value)
+            pending.write(struct.pack("<HHI" if little else ">HHI", 0xFFFE, 0xE0DD, 0))
+        elif isinstance(elem, RawDataElement) and elem.length != 0xFFFFFFFF:
             if pending.tell():
                 yield pending.getvalue()
                 pending = DicomBytesIO()

@@ -80,6 +80,7 @@ class KeyedUidMap:
         self.key = key if key is not None else os.urandom(32)
         self._lock = threading.Lock()
         self._overrides: dict[tuple[str, str], str] = {}
+        self._memo: dict[tuple[str, str], str] = {}
 
     def map(self, level: Level, original: str) -> str:
         stripped = original.strip()
@@ -89,10 +90,18 @@ class KeyedUidMap:
                 new = self._overrides.get((space, stripped))
             if new is not None:
                 return new
-        digest = hmac.new(self.key, f"{space}|{stripped}".encode(), hashlib.sha256).digest()
-        if level is Level.PATIENT:
-            return str(uuid.UUID(bytes=digest[:16], version=4))
-        return generate_uid(entropy_srcs=[digest.hex()])
+        memo_key = (space, stripped)
+        new = self._memo.get(memo_key)
+        if new is None:
+            digest = hmac.new(self.key, f"{space}|{stripped}".encode(), hashlib.sha256).digest()
+            if level is Level.PATIENT:
+                new = str(uuid.UUID(bytes=digest[:16], version=4))
+            else:
+                new = generate_uid(entropy_srcs=[digest.hex()])
+            if len(self._memo) > 65536:
+                self._memo.clear()
+            self._memo[memo_key] = new  # a pure function: remembering it only saves the hashing
+        return new
 
     def register(self, level: Level, original: str, new: str) -> None:
         with self._lock:
