@@ -101,6 +101,8 @@ def test_every_sample_is_written_and_reads_back(run: tuple[str, batch.Summary]) 
         assert ds.PatientIdentityRemoved == "YES"
         assert ds.PatientName == "Anonymized7"
         assert ds.file_meta.MediaStorageSOPInstanceUID == ds.SOPInstanceUID
+        assert "SourceApplicationEntityTitle" not in ds.file_meta  # the sender's meta is never carried over
+        assert ds.file_meta.ImplementationClassUID == pydicom.uid.PYDICOM_IMPLEMENTATION_UID
         if "PixelData" in ds:
             assert len(ds.PixelData) > 0
 

@@ -1169,3 +1169,13 @@ def test_section_2_1_transcode_must_be_a_transfer_syntax() -> None:
             parse_modify({"Transcode": bad})
         with pytest.raises(BadFileFormat, match='"Transcode"'):
             parse_anonymize({"Transcode": bad})
+
+
+def test_replace_value_the_character_set_cannot_encode_is_refused() -> None:
+    """Orthanc writes replacement characters; we refuse, naming the tag and the character set (compatibility.md)."""
+    ds = make()
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    with pytest.raises(ParameterOutOfRange, match=r"0008,0080.*ISO_IR 100"):
+        modify([ds], {"Replace": {"InstitutionName": "東京病院"}}, None)
+    modify([ds], {"Replace": {"InstitutionName": "Hôpital Liège"}}, None)
+    assert reload(ds).InstitutionName == "Hôpital Liège"

@@ -108,8 +108,10 @@ def _check_complete(ds: Dataset, size: int) -> None:
         return
     short = len(elem.value) < elem.length if elem.value is not None else elem.value_tell + elem.length > size
     if short:
-        raise Truncated(f"truncated file: element ({tag >> 16:04x},{tag & 0xFFFF:04x}) needs {elem.length} bytes "
-                        f"at offset {elem.value_tell}, the file has {size}")
+        raise Truncated(
+            f"truncated file: element ({tag >> 16:04x},{tag & 0xFFFF:04x}) needs {elem.length} bytes "
+            f"at offset {elem.value_tell}, the file has {size}"
+        )
 
 
 def new_file_meta(ds: Dataset, transfer_syntax: str) -> FileMetaDataset:
