@@ -16,7 +16,10 @@ from __future__ import annotations
 import multiprocessing
 import os
 import re
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -110,9 +113,9 @@ def _publish(chunks: list[Any], final: Path, overwrite: bool) -> str:
         final.parent.mkdir(parents=True, exist_ok=True)
         made.add(final.parent)
     tmp = final.parent / f".{final.name}.{os.getpid()}.tmp"
-    with open(tmp, "wb") as fh:
-        fh.writelines(chunks)
     try:
+        with open(tmp, "wb") as fh:
+            fh.writelines(chunks)
         if overwrite:
             os.replace(tmp, final)
             return ""
@@ -151,6 +154,9 @@ def process_one(path: str) -> Outcome:
         return Outcome(path, "failed", reason=f"cannot read DICOM: {type(exc).__name__}: {exc}")
     if loaded.sop_class == fileio.MEDIA_STORAGE_DIRECTORY:
         return Outcome(path, "skipped", reason="DICOMDIR (a media index, not an instance)")
+    missing = [k for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID") if not loaded.ds.get(k)]
+    if missing:  # Orthanc refuses to store such a file; every one would get the same output name
+        return Outcome(path, "failed", reason=f"missing or empty {', '.join(missing)}")
     try:
         ts = edit(loaded, job, _worker["map"])
         final = output_path(job.out_dir, loaded)
@@ -162,6 +168,43 @@ def process_one(path: str) -> Outcome:
     return Outcome(path, status or "written", output=str(final))
 
 
+def _chunk(paths: list[str]) -> list[Outcome]:
+    return [process_one(p) for p in paths]
+
+
+def _run_pool(queue: deque[str], job: Job, jobs: int, size: int, emit: Callable[[Outcome], None]) -> list[str]:
+    """Process ``queue`` with ``jobs`` workers; returns the files in flight if a worker process died."""
+    in_flight: dict[Future[list[Outcome]], list[str]] = {}
+    ctx = multiprocessing.get_context("fork")
+    with ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_init, initargs=(job,)) as pool:
+        chunk: list[str] = []
+        try:
+            while queue or in_flight:
+                while queue and len(in_flight) < jobs * 2:
+                    chunk = [queue.popleft() for _ in range(min(size, len(queue)))]
+                    in_flight[pool.submit(_chunk, chunk)] = chunk
+                    chunk = []
+                done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
+                for future in done:
+                    chunk = in_flight.pop(future)
+                    for outcome in future.result():
+                        emit(outcome)
+                    chunk = []
+        except BrokenProcessPool:
+            return chunk + [p for c in in_flight.values() for p in c]
+    return []
+
+
+def _run_alone(path: str, job: Job) -> Outcome:
+    """One suspect file in a process of its own: if that process dies, the file is the cause."""
+    ctx = multiprocessing.get_context("fork")
+    with ProcessPoolExecutor(1, mp_context=ctx, initializer=_init, initargs=(job,)) as pool:
+        try:
+            return pool.submit(_chunk, [path]).result()[0]
+        except BrokenProcessPool:
+            return Outcome(path, "failed", reason="the worker process died on this file (a pixel codec crashed?)")
+
+
 def run(
     inputs: list[str],
     job: Job,
@@ -169,23 +212,23 @@ def run(
     jobs: int = 1,
     on_outcome: Callable[[Outcome], None] | None = None,
 ) -> Summary:
-    """Process every input file; ``jobs`` worker processes (1: in this process)."""
+    """Process every input file in ``jobs`` worker processes.
+
+    Files are always processed in worker processes, even with one job: a native codec that aborts (gdcm calls
+    ``std::terminate`` on some images) kills a worker, never the run. The files that were in flight are then
+    retried one by one in a process of their own; the one that kills it again is reported as failed.
+    """
     summary = Summary()
-    if jobs <= 1 or len(inputs) < 2:
-        _init(job)
-        results: Iterable[Outcome] = map(process_one, inputs)
-        pool = None
-    else:
-        ctx = multiprocessing.get_context("fork")
-        pool = ctx.Pool(jobs, initializer=_init, initargs=(job,))
-        results = pool.imap(process_one, inputs, chunksize=max(1, min(16, len(inputs) // (jobs * 8))))
-    try:
-        for outcome in results:
-            summary.outcomes.append(outcome)
-            if on_outcome is not None:
-                on_outcome(outcome)
-    finally:
-        if pool is not None:
-            pool.close()
-            pool.join()
+
+    def emit(outcome: Outcome) -> None:
+        summary.outcomes.append(outcome)
+        if on_outcome is not None:
+            on_outcome(outcome)
+
+    jobs = max(1, jobs)
+    queue = deque(inputs)
+    size = max(1, min(16, len(inputs) // (jobs * 8)))
+    while queue:
+        for path in _run_pool(queue, job, jobs, size, emit):
+            emit(_run_alone(path, job))
     return summary

@@ -27,6 +27,7 @@ from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
+from pydicom.values import convert_SQ
 
 from node.dicom.errors import RequestError
 from node.dicom.fileio import sequence_as_raw
@@ -66,20 +67,42 @@ def stored_element(ds: Dataset, tag: int) -> Any:
 
 
 def element_vr(ds: Dataset, tag: int) -> str:
-    """The VR of an element without decoding its value (implicit VR files: from the dictionary)."""
+    """The VR of an element without decoding its value (implicit VR files: from the dictionary).
+
+    A sequence that reached us as UN (a sender whose dictionary lacked the tag, or a private sequence in an
+    implicit VR file) is reported as SQ, and decoded as one, so that its items are de-identified too: copying
+    it as opaque bytes would carry everything inside it through.
+    """
     elem = stored_element(ds, tag)
     vr = elem.VR if elem is not None else None
-    if vr:
+    if vr and vr != "UN":
         return str(vr)
     try:
         vr = dictionary_VR(tag)
     except KeyError:
         vr = "UN"
-    if " or " in vr:
-        vr = ds[tag].VR  # ambiguous: let pydicom resolve it from the dataset
-    if vr == "UN" and elem is not None and elem.length == 0xFFFFFFFF:
-        vr = ds[tag].VR  # pydicom recognises an undefined-length UN as a sequence
+    if " or " in vr or (vr == "SQ" and elem is not None and elem.VR == "UN"):
+        vr = ds[tag].VR  # ambiguous, or a known sequence sent as UN: pydicom resolves it from the dataset
+    elif vr == "UN" and elem is not None and _looks_like_items(ds, tag, elem):
+        vr = "SQ"
     return str(vr)
+
+
+def _looks_like_items(ds: Dataset, tag: int, elem: Any) -> bool:
+    """An unknown UN element whose value starts with an item tag: decode it as an implicit VR sequence."""
+    if not isinstance(elem, RawDataElement):
+        return False  # already decoded (and not a sequence), e.g. a value a Replace just wrote
+    if elem.length == 0xFFFFFFFF:
+        return ds[tag].VR == "SQ"  # pydicom decodes an undefined-length UN as a sequence
+    value = elem.value if isinstance(elem, RawDataElement) else None
+    if not isinstance(value, bytes) or value[:4] not in (b"\xfe\xff\x00\xe0", b"\xff\xfe\xe0\x00"):
+        return False
+    try:
+        seq = convert_SQ(value, True, True, None)
+    except Exception:  # noqa: BLE001 - not a sequence after all: it stays opaque (and is removed if private)
+        return False
+    ds[tag] = DataElement(tag, "SQ", seq)
+    return True
 
 
 def _is_private(tag: int) -> bool:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import io
 import os
 import struct
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,22 +76,38 @@ def _looks_like_dataset(data: bytes) -> bool:
 
 
 def load(source: str | os.PathLike[str] | bytes) -> Loaded:
-    """Parse a file (path or bytes) for editing. Raises :class:`NotDicom` or pydicom's errors when malformed."""
+    """Parse a file (path or bytes) for editing.
+
+    Raises :class:`NotDicom` for something that is not DICOM at all, :class:`Truncated` for a partial copy
+    (pydicom reads those without complaint: we check that the elements reach the end of the data).
+    """
     data = source if isinstance(source, bytes) else Path(source).read_bytes()
     has_prefix = len(data) >= 132 and data[128:132] == b"DICM"
     if not has_prefix and not _looks_like_dataset(data):
         raise NotDicom("not a DICOM file (no DICM prefix)")
-    try:
-        ds = dcmread(io.BytesIO(data), defer_size=DEFER_SIZE, force=not has_prefix)
-    except InvalidDicomError as exc:
-        raise NotDicom(f"not a DICOM file: {exc}") from None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            ds = dcmread(io.BytesIO(data), defer_size=DEFER_SIZE, force=not has_prefix)
+        except InvalidDicomError as exc:
+            raise NotDicom(f"not a DICOM file: {exc}") from None
+        except (struct.error, EOFError) as exc:  # the file ends inside an element header
+            raise Truncated(f"truncated file: it ends inside an element header ({exc})") from None
+    for w in caught:
+        if "end of file" in str(w.message).lower() or "delimiter" in str(w.message).lower():
+            raise Truncated(f"truncated file: {w.message}")
+    if not ds._dict:
+        if has_prefix:
+            raise Truncated("truncated file: a DICM header but no readable data element")
+        raise NotDicom("no data elements")
+    ds.preamble = None  # the input's 128 bytes may hold anything (some writers put the patient's name there)
     meta = getattr(ds, "file_meta", None)
     ts = meta.get("TransferSyntaxUID") if meta is not None else None
     if ts is None:
         implicit, little = ds.original_encoding
         ts = ImplicitVRLittleEndian if implicit else (ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
     if ts != DeflatedExplicitVRLittleEndian:  # deflated: offsets are in the inflated stream, not in ``data``
-        _check_complete(ds, len(data))
+        _check_complete(ds, data)
     return Loaded(ds, data, UID(str(ts)))
 
 
@@ -98,20 +115,22 @@ class Truncated(ValueError):
     """The file ends inside an element: a partial copy, never to be passed on as if it were whole."""
 
 
-def _check_complete(ds: Dataset, size: int) -> None:
-    """pydicom reads a truncated file without complaint; the last element tells whether it is whole."""
-    if not ds._dict:
-        raise NotDicom("no data elements")
+def _check_complete(ds: Dataset, data: bytes) -> None:
+    """The last element must end where the data ends (a few zero bytes of padding aside)."""
+    size = len(data)
     tag = max(ds._dict)
+    if tag & 0xFFFF == 0 and tag >> 16 != 0x0002:
+        raise Truncated(f"truncated file: it ends right after the group length ({tag >> 16:04x},0000)")
     elem = ds._dict[tag]
     if not isinstance(elem, RawDataElement) or elem.length == 0xFFFFFFFF:
-        return
-    short = len(elem.value) < elem.length if elem.value is not None else elem.value_tell + elem.length > size
-    if short:
-        raise Truncated(
-            f"truncated file: element ({tag >> 16:04x},{tag & 0xFFFF:04x}) needs {elem.length} bytes "
-            f"at offset {elem.value_tell}, the file has {size}"
-        )
+        return  # undefined length: pydicom warned above if the delimiter was missing
+    end = elem.value_tell + elem.length
+    short = len(elem.value) < elem.length if elem.value is not None else end > size
+    where = f"element ({tag >> 16:04x},{tag & 0xFFFF:04x}) needs {elem.length} bytes at offset {elem.value_tell}"
+    if short or end > size:
+        raise Truncated(f"truncated file: {where}, the file has {size}")
+    if 0 < size - end < 8 and data[end:].strip(b"\0"):
+        raise Truncated(f"truncated file: {size - end} byte(s) of an element header after the last element")
 
 
 def new_file_meta(ds: Dataset, transfer_syntax: str) -> FileMetaDataset:
@@ -146,6 +165,7 @@ def encode(loaded: Loaded, transfer_syntax: str | None = None) -> list[bytes | m
     if not _spliceable(loaded, ts):
         out = io.BytesIO()
         ds.file_meta = meta
+        ds.preamble = None  # zeros, never the input's preamble
         dcmwrite(out, ds, enforce_file_format=True)
         return [out.getvalue()]
     head = DicomBytesIO()
@@ -189,6 +209,8 @@ def _encode_item(item: Dataset, implicit: bool, little: bool, encodings: list[st
         if tag & 0xFFFF == 0:
             continue
         elem = item._dict[tag]
+        if isinstance(elem, RawDataElement) and (elem.is_implicit_VR != implicit or elem.is_little_endian != little):
+            elem = item[tag]  # implicit VR content in an explicit file (a UN sequence): decode, then re-encode
         if isinstance(elem, RawDataElement) and elem.value is not None and elem.length != _UNDEFINED:
             vr = elem.VR or "UN"
             header = _element_header(tag, vr, len(elem.value), implicit, little)
@@ -196,10 +218,12 @@ def _encode_item(item: Dataset, implicit: bool, little: bool, encodings: list[st
                 out.write(header)
                 out.write(elem.value)
                 continue
-        elif not isinstance(elem, RawDataElement) and elem.VR == "SQ":
+        if isinstance(elem, RawDataElement):
+            elem = item[tag]  # undefined length, deferred or without a VR: let pydicom decode it
+        if elem.VR == "SQ":
             _encode_sequence(elem, implicit, little, encodings, out)
-            continue
-        write_data_element(out, item.get_item(tag), encodings)
+        else:
+            write_data_element(out, elem, encodings)
     out.write(struct.pack(e + "HHI", 0xFFFE, 0xE00D, 0))
 
 

@@ -8,6 +8,7 @@ Anything else is refused with a message listing what is possible: pydicom has no
 
 from __future__ import annotations
 
+import numpy
 from pydicom.dataset import Dataset
 from pydicom.pixels import get_encoder
 from pydicom.uid import (
@@ -72,14 +73,11 @@ def transcode(ds: Dataset, target: str) -> bool:
         return False
     check_target(target)
     try:
-        if PIXEL_DATA in ds and source.is_compressed:
-            ds.decompress(generate_instance_uid=False)
-        if target in UNCOMPRESSED:
-            ds.file_meta.TransferSyntaxUID = target
-            return False
-        if PIXEL_DATA not in ds:
+        if PIXEL_DATA in ds:
+            _encode_pixels(ds, source, target)
+        elif target not in UNCOMPRESSED:
             raise NotSupported(f"cannot transcode to {target.name}: the instance has no pixel data")
-        ds.compress(target, generate_instance_uid=False, **LOSSY_OPTIONS.get(target, {}))
+        ds.file_meta.TransferSyntaxUID = target
     except NotSupported:
         raise
     except Exception as exc:  # noqa: BLE001 - codec plugins raise anything; the message names the cause
@@ -89,3 +87,24 @@ def transcode(ds: Dataset, target: str) -> bool:
         ds.LossyImageCompressionMethod = LOSSY_METHOD[target]
         return True
     return False
+
+
+def _encode_pixels(ds: Dataset, source: UID, target: UID) -> None:
+    """Decode the pixels once (any source: compressed, big endian, planar) and encode them for ``target``.
+
+    Working from the decoded array, never from the stored bytes, is what keeps big-endian words and
+    planar-configured colour right; a lossless result is decoded again and compared before it is accepted.
+    """
+    arr = ds.pixel_array  # interleaved samples, YBR converted to RGB; a big-endian source gives a '>' dtype
+    arr = arr.astype(arr.dtype.newbyteorder("<"), copy=False)
+    photometric = str(ds.PhotometricInterpretation)
+    if photometric.startswith("YBR") and int(ds.get("SamplesPerPixel", 1)) == 3:
+        photometric = "RGB"
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.set_pixel_data(arr, photometric, int(ds.BitsStored), generate_instance_uid=False)
+    if target in UNCOMPRESSED:
+        return
+    plugin = "pydicom" if target == RLELossless else ""  # gdcm's RLE encoder aborts the process on some images
+    ds.compress(target, arr, encoding_plugin=plugin, generate_instance_uid=False, **LOSSY_OPTIONS.get(target, {}))
+    if target not in LOSSY_METHOD and not numpy.array_equal(ds.pixel_array, arr):
+        raise NotSupported(f"the {target.name} encoder did not give back the same pixels: refused")
