@@ -115,3 +115,27 @@ def test_the_sequence_cache_changes_nothing_but_the_time(tmp_path) -> None:  # t
     assert len(cache) >= 3
     last = pydicom.dcmread(io.BytesIO(_bytes(with_cache)))
     assert last.ProcedureCodeSequence[0].PatientName == "Anonymized9"
+
+
+def test_one_memory_map_shared_by_eight_threads_keeps_one_study() -> None:
+    """Batch semantics (spec §3.2) when a job processes instances concurrently: one study, one patient, one
+    new UID per original UID, references included."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    files = sorted((SAMPLES / "Knee").rglob("*.dcm"))
+    uid_map = MemoryUidMap()
+    mod = parse_anonymize({})
+
+    def one(path):  # type: ignore[no-untyped-def]
+        loaded = fileio.load(path)
+        apply(loaded.ds, mod, uid_map, patient_name_counter=4)
+        return pydicom.dcmread(io.BytesIO(_bytes(loaded)))
+
+    with ThreadPoolExecutor(8) as pool:
+        out = list(pool.map(one, files))
+    assert len({d.StudyInstanceUID for d in out}) == 1 and len({d.PatientID for d in out}) == 1
+    assert len({d.SeriesInstanceUID for d in out}) == 2 and len({d.SOPInstanceUID for d in out}) == len(files)
+    refs = {item.ReferencedSOPInstanceUID for d in out for item in d.get("ReferencedImageSequence", [])}
+    sources = [pydicom.dcmread(f) for f in files]
+    old_refs = {i.ReferencedSOPInstanceUID for d in sources for i in d.get("ReferencedImageSequence", [])}
+    assert len(refs) == len(old_refs) > 0 and not refs & old_refs  # each localizer reference: one new UID
