@@ -1179,3 +1179,48 @@ def test_replace_value_the_character_set_cannot_encode_is_refused() -> None:
         modify([ds], {"Replace": {"InstitutionName": "東京病院"}}, None)
     modify([ds], {"Replace": {"InstitutionName": "Hôpital Liège"}}, None)
     assert reload(ds).InstitutionName == "Hôpital Liège"
+
+
+def test_section_2_5_image_data_uri_becomes_the_pixel_data() -> None:
+    """Spec §2.5: ``data:image/png|jpeg;base64,…`` on PixelData embeds the picture and its image attributes;
+    a compressed file becomes native (its pixels are new); something that is not an image is a 400."""
+    import base64
+
+    import numpy as np
+    import pydicom
+    from PIL import Image
+
+    png = (SAMPLES / "Formats" / "Brainix.png").read_bytes()
+    loaded = fileio.load(str(SAMPLES / "Knee" / "T1" / "IM-0001-0001.dcm"))  # JPEG 2000
+    uri = "data:image/png;base64," + base64.b64encode(png).decode()
+    apply(loaded.ds, parse_modify({"Replace": {"PixelData": uri}}), MemoryUidMap())
+    out = pydicom.dcmread(io.BytesIO(b"".join(bytes(c) for c in fileio.encode(loaded))))
+    assert out.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.1"
+    expected = np.asarray(Image.open(io.BytesIO(png)))
+    assert (out.Rows, out.Columns, out.PhotometricInterpretation) == (256, 256, "MONOCHROME2")
+    assert np.array_equal(out.pixel_array, expected)
+
+    jpeg = io.BytesIO()
+    Image.fromarray(np.full((8, 12, 3), (200, 10, 10), dtype=np.uint8)).save(jpeg, format="JPEG")
+    ds = make()
+    modify([ds], {"Replace": {"PixelData": "data:image/jpeg;base64," + base64.b64encode(jpeg.getvalue()).decode()}},
+           None)  # fmt: skip
+    colour = reload(ds)
+    assert (colour.Rows, colour.Columns, colour.SamplesPerPixel, colour.PhotometricInterpretation) == (8, 12, 3, "RGB")
+    assert abs(int(colour.pixel_array[4, 6, 0]) - 200) < 8
+    with pytest.raises(ParameterOutOfRange, match="not a readable image"):
+        modify([make()], {"Replace": {"PixelData": "data:image/png;base64," + base64.b64encode(b"nope").decode()}},
+               None)  # fmt: skip
+
+
+def test_section_2_5_octet_stream_data_uri_gives_raw_bytes() -> None:
+    """Spec §2.5: ``data:application/octet-stream;base64,…`` is decoded to the value, any VR; bad base64 → 400."""
+    import base64
+
+    ds = make()
+    payload = bytes(range(256)) * 2
+    modify([ds], {"Replace": {"0009,0010": "ACME", "0009,1001": "data:application/octet-stream;base64,"
+                              + base64.b64encode(payload).decode()}}, None)  # fmt: skip
+    assert reload(ds)[0x00091001].value == payload
+    with pytest.raises(ParameterOutOfRange, match="base64"):
+        modify([make()], {"Replace": {"0009,1001": "data:application/octet-stream;base64,@@@"}}, None)

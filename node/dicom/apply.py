@@ -44,7 +44,7 @@ from node.dicom.request import (
 )
 from node.dicom.tags import ANY_ITEM, DicomPath
 from node.dicom.uidmap import UidMap
-from node.dicom.values import TEXT_VRS, make_element, vr_for
+from node.dicom.values import TEXT_VRS, embed_image, is_image_uri, make_element, vr_for
 
 REFERENCED_SOP_INSTANCE_UID = 0x00081155
 REFERENCED_FRAME_OF_REFERENCE_SEQUENCE = 0x30060010
@@ -243,6 +243,9 @@ def _select(ds: Dataset, prefix: tuple[tuple[Any, int | None], ...]) -> Iterator
 def _replace(ds: Dataset, tag: int, value: Any, mod: Modification, charset: Any) -> None:
     if tag & 0xFFFF == 0:
         return  # group length: ignored
+    if is_image_uri(tag, value):
+        embed_image(ds, value)
+        return
     existing = element_vr(ds, tag) if tag in ds else None
     ds[tag] = make_element(tag, value, vr=vr_for(tag, existing, mod.private_creator), charset=charset,
                            private_creator=mod.private_creator)  # fmt: skip

@@ -160,7 +160,8 @@ def _spliceable(loaded: Loaded, transfer_syntax: str) -> bool:
 def encode(loaded: Loaded, transfer_syntax: str | None = None) -> list[bytes | memoryview]:
     """The output file as a list of chunks (preamble, meta, elements); join or ``writelines`` them."""
     ds = loaded.ds
-    ts = UID(transfer_syntax or loaded.transfer_syntax)
+    meta_ts = getattr(ds, "file_meta", {}).get("TransferSyntaxUID")  # an edit may have changed it
+    ts = UID(transfer_syntax or meta_ts or loaded.transfer_syntax)
     meta = new_file_meta(ds, ts)
     if not _spliceable(loaded, ts):
         out = io.BytesIO()

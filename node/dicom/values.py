@@ -114,8 +114,7 @@ def make_element(tag: int, value: Any, *, vr: str, charset: Any, private_creator
         if tag == ENCAPSULATED_DOCUMENT:
             return DataElement(tag, "OB", data if len(data) % 2 == 0 else data + b"\0")
         if tag == PIXEL_DATA:
-            raise NotSupported(f"embedding a {mime} image into PixelData is not supported; "
-                               "send a DICOM file instead")  # fmt: skip
+            raise NotSupported(f"a {mime} data URI on PixelData needs the whole dataset: use embed_image()")
     if vr == "SQ":
         raise BadParameterType(f"tag {tag_name(tag)} is a sequence: give a JSON list of items, not a string")
     if vr in TEXT_VRS:
@@ -153,3 +152,37 @@ def make_item(item: Any, charset: Any, private_creator: str) -> Dataset:
         ds[tag] = make_element(tag, sub, vr=vr_for(tag, None, private_creator), charset=charset,
                                private_creator=private_creator)  # fmt: skip
     return ds
+
+
+#: Pillow image modes we can turn into DICOM pixels: (numpy dtype, photometric interpretation, bits stored).
+_IMAGE_MODES = {"L": ("uint8", "MONOCHROME2", 8), "I;16": ("uint16", "MONOCHROME2", 16),
+                "RGB": ("uint8", "RGB", 8)}  # fmt: skip
+
+
+def is_image_uri(tag: int, value: Any) -> bool:
+    return tag == PIXEL_DATA and isinstance(value, str) and value.startswith("data:image/")
+
+
+def embed_image(ds: Dataset, uri: str) -> None:
+    """``Replace`` of PixelData with ``data:image/png|jpeg;base64,…``: the picture becomes the pixel data, and
+    Rows, Columns, photometric interpretation, bits and samples follow it (as Orthanc does)."""
+    import io
+
+    import numpy
+    from PIL import Image, UnidentifiedImageError
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    mime, data = _decode_data_uri(uri, PIXEL_DATA)
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()
+    except (UnidentifiedImageError, OSError) as exc:
+        raise ParameterOutOfRange(f"PixelData: the {mime} data URI is not a readable image: {exc}") from None
+    if image.mode not in _IMAGE_MODES:
+        image = image.convert("RGB" if image.mode in ("RGBA", "P", "CMYK", "YCbCr", "LAB", "HSV") else "L")
+    dtype, photometric, bits = _IMAGE_MODES[image.mode]
+    arr = numpy.asarray(image, dtype=dtype)
+    meta = getattr(ds, "file_meta", None)
+    if meta is not None and meta.get("TransferSyntaxUID") is not None and meta.TransferSyntaxUID.is_compressed:
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian  # the new pixels are native
+    ds.set_pixel_data(arr, photometric, bits, generate_instance_uid=False)
