@@ -59,8 +59,13 @@ def open_index(url: str) -> Database:
 
 
 def migrate(db: Database, from_version: int) -> None:
-    """Bring an older index up to :data:`SCHEMA_VERSION` (no older version exists yet)."""
-    raise SchemaError(f"no migration from schema version {from_version} to {SCHEMA_VERSION}")
+    """Bring an older index up to :data:`SCHEMA_VERSION` (called inside the opening transaction).
+
+    1 → 2 only added the Pseudonym table, which ``create_tables(safe=True)`` has just created.
+    """
+    if from_version < 1:
+        raise SchemaError(f"no migration from schema version {from_version} to {SCHEMA_VERSION}")
+    Property.update(value=str(SCHEMA_VERSION)).where(Property.key == "SchemaVersion").execute()
 
 
 @contextlib.contextmanager

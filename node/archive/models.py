@@ -24,7 +24,7 @@ from peewee import (
 database = DatabaseProxy()
 
 #: Bumped whenever the tables change; :func:`node.archive.db.migrate` knows how to get from each older one.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: Pseudonym
 
 
 def utcnow() -> dt.datetime:
@@ -109,4 +109,23 @@ class Garbage(BaseModel):
     file_uuid = CharField(max_length=36, primary_key=True)
 
 
-ALL_MODELS = (Patient, Study, Series, Instance, Change, Property, Garbage)
+class Pseudonym(BaseModel):
+    """A persistent old → new map per project (a routing rule or a group of rules).
+
+    Instances anonymized one at a time (the gateway) still land in one new study, and a patient keeps one
+    pseudonym across studies and restarts (deviations.md, last row). ``namespace`` is ``PATIENT`` or ``UID``
+    (see :mod:`node.dicom.uidmap`).
+    """
+
+    id = AutoField()
+    project = CharField(max_length=64)
+    namespace = CharField(max_length=32)
+    original = CharField(max_length=255)
+    new = CharField(max_length=64)
+    created_at = DateTimeField(default=utcnow)
+
+    class Meta:
+        indexes = ((("project", "namespace", "original"), True),)
+
+
+ALL_MODELS = (Patient, Study, Series, Instance, Change, Property, Garbage, Pseudonym)

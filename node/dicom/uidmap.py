@@ -40,7 +40,7 @@ class UidMap(Protocol):
         ...
 
 
-def _namespace(level: Level, original: str = "x") -> str:
+def namespace(level: Level, original: str = "x") -> str:
     """PatientIDs apart, every UID in one namespace; an *empty* value is mapped per level (Orthanc maps "" too:
     edge case 65), so that a missing FrameOfReferenceUID and a missing SOPInstanceUID do not become one UID."""
     if level is Level.PATIENT:
@@ -60,7 +60,7 @@ class MemoryUidMap:
         self._map: dict[tuple[str, str], str] = {}
 
     def map(self, level: Level, original: str) -> str:
-        key = (_namespace(level, original), original.strip())
+        key = (namespace(level, original), original.strip())
         with self._lock:
             new = self._map.get(key)
             if new is None:
@@ -69,7 +69,7 @@ class MemoryUidMap:
 
     def register(self, level: Level, original: str, new: str) -> None:
         with self._lock:
-            self._map[(_namespace(level, original), original.strip())] = new
+            self._map[(namespace(level, original), original.strip())] = new
 
     def items(self) -> list[tuple[str, str, str]]:
         """Every mapping made so far as (namespace, old, new), for persisting a job's map."""
@@ -88,7 +88,7 @@ class KeyedUidMap:
 
     def map(self, level: Level, original: str) -> str:
         stripped = original.strip()
-        space = _namespace(level, original)
+        space = namespace(level, original)
         if self._overrides:
             with self._lock:
                 new = self._overrides.get((space, stripped))
@@ -109,4 +109,4 @@ class KeyedUidMap:
 
     def register(self, level: Level, original: str, new: str) -> None:
         with self._lock:
-            self._overrides[(_namespace(level, original), original.strip())] = new
+            self._overrides[(namespace(level, original), original.strip())] = new

@@ -1,0 +1,91 @@
+"""The persistent pseudonym/UID map of routing (issue 4, part 2): consistent across requests, processes and
+restarts, separate per project."""
+
+from __future__ import annotations
+
+import multiprocessing
+import sqlite3
+from pathlib import Path
+
+import pydicom
+from conftest import SAMPLES
+
+from node.archive.db import open_index
+from node.archive.models import SCHEMA_VERSION, Property, Pseudonym
+from node.archive.pseudonyms import DatabaseUidMap
+from node.dicom import fileio
+from node.dicom.apply import apply
+from node.dicom.levels import Level
+from node.dicom.request import parse_anonymize
+
+
+def url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'index.db'}"
+
+
+def test_one_original_one_pseudonym_per_project_across_reopen(tmp_path: Path) -> None:
+    db = open_index(url(tmp_path))
+    a, b, other = DatabaseUidMap(db, "research"), DatabaseUidMap(db, "research"), DatabaseUidMap(db, "other")
+    study = a.map(Level.STUDY, "1.2.3 ")
+    assert b.map(Level.STUDY, "1.2.3") == study
+    assert a.map(Level.INSTANCE, "1.2.3") == study  # one namespace for all UIDs
+    assert other.map(Level.STUDY, "1.2.3") != study
+    patient = a.map(Level.PATIENT, "887")
+    assert len(patient) == 36 and b.map(Level.PATIENT, "887") == patient
+    assert a.map(Level.STUDY, "") != a.map(Level.SERIES, "")  # empty values stay per level
+    db.close()
+    again = open_index(url(tmp_path))
+    assert DatabaseUidMap(again, "research").map(Level.STUDY, "1.2.3") == study
+    a2 = DatabaseUidMap(again, "research")
+    a2.register(Level.STUDY, "1.2.3", "9.9.9")
+    assert DatabaseUidMap(again, "research").map(Level.STUDY, "1.2.3") == "9.9.9"
+
+
+def _map_all(args: tuple[str, list[str]]) -> list[str]:
+    db_url, originals = args
+    db = open_index(db_url)
+    uid_map = DatabaseUidMap(db, "p")
+    return [uid_map.map(Level.INSTANCE, o) for o in originals]
+
+
+def test_processes_racing_on_the_same_originals_agree(tmp_path: Path) -> None:
+    open_index(url(tmp_path)).close()
+    originals = [f"1.2.840.{i}" for i in range(150)]
+    with multiprocessing.get_context("fork").Pool(3) as pool:
+        results = pool.map(_map_all, [(url(tmp_path), originals), (url(tmp_path), originals[::-1]),
+                                      (url(tmp_path), originals)])  # fmt: skip
+    assert results[0] == results[1][::-1] == results[2]
+    assert len(set(results[0])) == 150
+    db = open_index(url(tmp_path))
+    with db.connection_context():
+        assert Pseudonym.select().count() == 150
+
+
+def test_instances_anonymized_one_request_at_a_time_stay_one_study(tmp_path: Path) -> None:
+    """Edge case 70 inverted for routing: a new map object per instance, one table behind them."""
+    db = open_index(url(tmp_path))
+    mod = parse_anonymize({})
+    out = []
+    for path in sorted((SAMPLES / "Knee").rglob("*.dcm")):
+        loaded = fileio.load(str(path))
+        apply(loaded.ds, mod, DatabaseUidMap(db, "knee-project"), patient_name_counter=1)
+        out.append(loaded.ds)
+    assert len({d.StudyInstanceUID for d in out}) == 1 and len({d.SeriesInstanceUID for d in out}) == 2
+    assert len({d.PatientID for d in out}) == 1
+    assert len({d.SOPInstanceUID for d in out}) == len(out)
+    originals = {pydicom.dcmread(p).StudyInstanceUID for p in (SAMPLES / "Knee").rglob("*.dcm")}
+    assert not originals & {d.StudyInstanceUID for d in out}
+
+
+def test_an_index_of_schema_version_1_is_migrated(tmp_path: Path) -> None:
+    db = open_index(url(tmp_path))
+    db.close()
+    con = sqlite3.connect(tmp_path / "index.db")
+    con.execute("DROP TABLE pseudonym")
+    con.execute("UPDATE property SET value = '1' WHERE key = 'SchemaVersion'")
+    con.commit()
+    con.close()
+    db = open_index(url(tmp_path))
+    with db.connection_context():
+        assert Property.get(Property.key == "SchemaVersion").value == str(SCHEMA_VERSION) == "2"
+        assert Pseudonym.select().count() == 0
