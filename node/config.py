@@ -44,6 +44,7 @@ DEFAULTS: dict[str, Any] = {
     "DicomScpTimeout": 30,
     "MaximumPduLength": 4194304,
     "SyncStorageArea": True,
+    "Routes": [],
 }
 
 #: Keys of Orthanc 1.10's configuration (and its common plugin sections) that we accept but do not implement
@@ -109,6 +110,7 @@ class Config:
     base_dir: Path = field(default_factory=Path.cwd)
     warnings: tuple[str, ...] = ()
     modalities: tuple[Modality, ...] = ()
+    routes: tuple[Any, ...] = ()  # node.routing.rules.Route
 
     def __getitem__(self, key: str) -> Any:
         return self.values[key]
@@ -299,7 +301,14 @@ def _validate(values: dict[str, Any], source: str, base_dir: Path, warnings: lis
     if url and not url.startswith(("sqlite:///", "postgresql://", "postgres://")):
         raise ConfigError(f"{source}: key 'Database' must be a sqlite:///… or postgresql://… URL, got {url!r}")
     modalities = _parse_modalities(values["DicomModalities"], source)
-    cfg = Config(values=values, source=source, base_dir=base_dir, warnings=tuple(warnings), modalities=modalities)
+    from node.routing.rules import RouteError, parse_routes
+
+    try:
+        routes = parse_routes(values["Routes"], [m.name for m in modalities])
+    except RouteError as exc:
+        raise ConfigError(f"{source}: key 'Routes': {exc}") from None
+    cfg = Config(values=values, source=source, base_dir=base_dir, warnings=tuple(warnings), modalities=modalities,
+                 routes=routes)  # fmt: skip
     for key in ("StorageDirectory", "IndexDirectory"):
         _check_dir(cfg.path(key), key, source)
     return cfg

@@ -1,0 +1,1 @@
+"""Routing: rules that decide what happens to stored instances, the durable outbox, the forwarding workers."""
