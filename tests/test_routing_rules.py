@@ -138,3 +138,18 @@ def test_any_of_not_and_several_matching_rules() -> None:
     test_patient.PatientID = "TEST1"
     assert [r.name for r in matching(routes, "Instance", test_patient, Origin())] == ["ct-or-mr"]
     assert [r.name for r in matching(routes, "StableStudy", None, Origin())] == ["stable"]
+
+
+def test_serve_refuses_rules_it_cannot_carry_out_yet(tmp_path: Path) -> None:
+    """Until the forwarding workers exist, a node with Routes would store everything and forward nothing:
+    it must not start silently."""
+    import subprocess
+    import sys
+
+    example = Path(__file__).resolve().parents[1] / "conf" / "gateway.example.json"
+    copy = tmp_path / "gateway.json"
+    copy.write_text(example.read_text())
+    r = subprocess.run([sys.executable, "-m", "node", "serve", "--config", str(copy), "--dicom-port", "0"],
+                       capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert r.returncode == 2
+    assert "key 'Routes': forwarding rules are not carried out by this version yet" in r.stderr
