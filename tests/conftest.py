@@ -104,25 +104,29 @@ def storescu_profile(files: list[Path], path: Path, acceptor: bool = False) -> l
     return ["-xf", str(path), "Test"]
 
 
-def make_instance(path: Path, *, patient_id: str = "PAT1", study_uid: str | None = None,
-                  series_uid: str | None = None, sop_uid: str | None = None, rows: int = 16,
-                  frames: int = 1, **tags: Any) -> Path:  # fmt: skip
-    """Write a small synthetic CT instance (explicit VR little endian)."""
+def make_dataset(*, patient_id: str | None = "PAT1", study_uid: str | None = None, series_uid: str | None = None,
+                 sop_uid: str | None = None, sop_class: str = CT_IMAGE_STORAGE, **tags: Any) -> Dataset:  # fmt: skip
+    """A small synthetic instance with file meta and fresh UIDs, not encoded (``patient_id=None``: no PatientID)."""
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta.MediaStorageSOPClassUID = CT_IMAGE_STORAGE
-    ds.SOPClassUID = CT_IMAGE_STORAGE
+    ds.file_meta.MediaStorageSOPClassUID = sop_class
+    ds.SOPClassUID = sop_class
     ds.SOPInstanceUID = sop_uid or generate_uid()
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
     ds.StudyInstanceUID = study_uid or generate_uid()
     ds.SeriesInstanceUID = series_uid or generate_uid()
-    ds.PatientID = patient_id
+    if patient_id is not None:
+        ds.PatientID = patient_id
     ds.PatientName = tags.pop("PatientName", "Test^Patient")
-    ds.Modality = "CT"
-    ds.InstanceNumber = tags.pop("InstanceNumber", 1)
+    ds.Modality = tags.pop("Modality", "CT")
     for k, v in tags.items():
         setattr(ds, k, v)
+    return ds
+
+
+def add_pixels(ds: Dataset, data: bytes, rows: int, frames: int = 1) -> None:
+    """16-bit monochrome pixel data of ``rows`` x ``rows`` (x ``frames``)."""
     ds.Rows = ds.Columns = rows
     ds.BitsAllocated = ds.BitsStored = 16
     ds.HighBit = 15
@@ -131,7 +135,16 @@ def make_instance(path: Path, *, patient_id: str = "PAT1", study_uid: str | None
     ds.PhotometricInterpretation = "MONOCHROME2"
     if frames > 1:
         ds.NumberOfFrames = frames
-    ds.PixelData = os.urandom(rows * rows * 2) * frames
+    ds.PixelData = data
+
+
+def make_instance(path: Path, *, patient_id: str = "PAT1", study_uid: str | None = None,
+                  series_uid: str | None = None, sop_uid: str | None = None, rows: int = 16,
+                  frames: int = 1, **tags: Any) -> Path:  # fmt: skip
+    """Write a small synthetic CT instance (explicit VR little endian)."""
+    tags.setdefault("InstanceNumber", 1)
+    ds = make_dataset(patient_id=patient_id, study_uid=study_uid, series_uid=series_uid, sop_uid=sop_uid, **tags)
+    add_pixels(ds, os.urandom(rows * rows * 2) * frames, rows, frames)
     ds.save_as(path, enforce_file_format=True)
     return path
 

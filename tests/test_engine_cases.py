@@ -23,8 +23,8 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import CT_IMAGE_STORAGE
-from pydicom.dataset import Dataset, FileMetaDataset
+from conftest import CT_IMAGE_STORAGE, add_pixels, make_dataset
+from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.tag import Tag
 from pydicom.uid import (
@@ -92,29 +92,11 @@ def build(*, patient_id: str | None = "PAT1", study: str | None = None, series: 
           sop: str | None = None, sop_class: str = CT_IMAGE_STORAGE, pixels: bool = False,
           **tags: Any) -> Dataset:  # fmt: skip
     """A small synthetic instance, not yet encoded (add odd elements to it, then :func:`reload` it)."""
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta.MediaStorageSOPClassUID = sop_class
-    ds.SOPClassUID = sop_class
-    ds.SOPInstanceUID = sop or generate_uid()
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    ds.StudyInstanceUID = study or generate_uid()
-    ds.SeriesInstanceUID = series or generate_uid()
-    if patient_id is not None:
-        ds.PatientID = patient_id
-    ds.PatientName = tags.pop("PatientName", "Doe^John")
-    ds.Modality = tags.pop("Modality", "CT")
-    for keyword, value in tags.items():
-        setattr(ds, keyword, value)
+    tags.setdefault("PatientName", "Doe^John")
+    ds = make_dataset(patient_id=patient_id, study_uid=study, series_uid=series, sop_uid=sop, sop_class=sop_class,
+                      **tags)  # fmt: skip
     if pixels:
-        ds.Rows = ds.Columns = 64
-        ds.SamplesPerPixel = 1
-        ds.PhotometricInterpretation = "MONOCHROME2"
-        ds.BitsAllocated = ds.BitsStored = 16
-        ds.HighBit = 15
-        ds.PixelRepresentation = 0
-        ds.PixelData = gradient().tobytes()
+        add_pixels(ds, gradient().tobytes(), 64)
     return ds
 
 
