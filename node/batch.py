@@ -17,7 +17,7 @@ import multiprocessing
 import os
 import re
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
@@ -65,23 +65,6 @@ class Summary:
     @property
     def failed(self) -> list[Outcome]:
         return [o for o in self.outcomes if o.status == "failed"]
-
-
-def iter_inputs(paths: Iterable[str | os.PathLike[str]], exclude: Path | None = None) -> Iterator[Path]:
-    """Every file under ``paths`` (sorted, recursively), except those under ``exclude`` (the output folder)."""
-    excluded = exclude.resolve() if exclude is not None else None
-    for p in map(Path, paths):
-        if p.is_dir():
-            for root, dirs, files in os.walk(p):
-                rp = Path(root)
-                if excluded is not None and (rp.resolve() == excluded or excluded in rp.resolve().parents):
-                    dirs[:] = []
-                    continue
-                dirs.sort()
-                for name in sorted(files):
-                    yield rp / name
-        else:
-            yield p
 
 
 def safe_component(value: str) -> str:

@@ -100,7 +100,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
         print(f"dicom-node {args.command}: {exc}", file=sys.stderr)
         return 2
     out = Path(args.out)
-    inputs = [str(p) for p in batch.iter_inputs(args.paths, exclude=out)]
+    inputs = [str(p) for p, _named in fileio.iter_files(args.paths, exclude=out)]
     job = batch.Job(mod=mod, out_dir=str(out), key=key, name_counter=args.name_counter, overwrite=args.overwrite)
     if args.dry_run:
         return _dry_run(inputs, job, args.show_values)

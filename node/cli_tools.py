@@ -12,6 +12,7 @@ from typing import Any
 from pydicom.errors import InvalidDicomError
 from tqdm import tqdm
 
+from node.dicom.fileio import iter_files
 from node.net.scu import (
     FileToSend,
     NotAnInstance,
@@ -19,7 +20,6 @@ from node.net.scu import (
     TargetError,
     echo,
     inspect,
-    iter_files,
     parse_target,
     store_files,
 )

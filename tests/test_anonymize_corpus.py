@@ -29,6 +29,7 @@ from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 
 from node import batch
+from node.dicom import fileio
 from node.dicom.profiles import load_profile, versions
 from node.dicom.request import parse_anonymize
 
@@ -42,7 +43,7 @@ DCIODVFY = shutil.which("dciodvfy")
 def run(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, batch.Summary]:
     version = request.param
     out = tmp_path_factory.mktemp(f"anon-{version}")
-    inputs = [str(p) for p in batch.iter_inputs([SAMPLES])]
+    inputs = [str(p) for p, _named in fileio.iter_files([SAMPLES])]
     job = batch.Job(mod=parse_anonymize({"DicomVersion": version}), out_dir=str(out), key=b"k" * 32,
                     name_counter=7)  # fmt: skip
     return version, batch.run(inputs, job, jobs=2)

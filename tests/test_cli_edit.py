@@ -145,3 +145,30 @@ def test_transcode_to_rle_and_a_refused_target(tmp_path: Path) -> None:
             "--body", '{"Transcode": "1.2.840.10008.1.2.4.50"}')  # fmt: skip
     assert r.returncode == 2 and "1.2.840.10008.1.2.4.50" in r.stderr and "possible targets" in r.stderr
     assert not (tmp_path / "jpeg").exists()
+
+
+def test_an_output_folder_inside_the_input_is_not_read_back(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    shutil.copytree(SAMPLES / "Series", src)
+    out = src / "anon"
+    for _ in range(2):
+        r = cli("anonymize", str(src), "--out", str(out), "-q")
+        assert r.returncode == 0, r.stderr
+        assert "5 written, 0 duplicate(s), 0 skipped" in r.stdout, r.stdout
+    assert len(outputs(out)) == 10
+
+
+def test_overwrite_replaces_and_show_values_prints_the_originals(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    keep = '{"Keep": ["SOPInstanceUID"], "Force": true'
+    assert cli("modify", str(SAMPLES / "Series"), "--out", str(out), "-q", "--body", keep + "}").returncode == 0
+    r = cli("modify", str(SAMPLES / "Series"), "--out", str(out), "-q", "--overwrite",
+            "--body", keep + ', "Replace": {"InstitutionName": "other"}}')  # fmt: skip
+    assert r.returncode == 0 and "5 written" in r.stdout, r.stdout + r.stderr
+    assert {pydicom.dcmread(f).InstitutionName for f in outputs(out)} == {"other"}
+    knee = SAMPLES / "Knee" / "T1" / "IM-0001-0001.dcm"
+    original = str(pydicom.dcmread(knee).PatientName)
+    assert original
+    hidden = cli("anonymize", str(knee), "--out", str(tmp_path / "x"), "--dry-run")
+    shown = cli("anonymize", str(knee), "--out", str(tmp_path / "x"), "--dry-run", "--show-values")
+    assert original not in hidden.stdout and original in shown.stdout

@@ -17,7 +17,7 @@ import io
 import os
 import struct
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,7 +44,7 @@ from node import __version__
 #: Values larger than this stay in the input buffer until written.
 DEFER_SIZE = 16 * 1024
 IMPLEMENTATION_VERSION_NAME = f"DICOMNODE_{__version__.replace('.', '')}"[:16]
-MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
+MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"  # DICOMDIR: an index of files, not an instance
 
 
 class NotDicom(ValueError):
@@ -64,6 +64,24 @@ class Loaded:
         meta = getattr(self.ds, "file_meta", None)
         value = self.ds.get("SOPClassUID") or (meta.get("MediaStorageSOPClassUID") if meta else None)
         return str(value or "")
+
+
+def iter_files(paths: Iterable[str | os.PathLike[str]], exclude: Path | None = None) -> Iterator[tuple[Path, bool]]:
+    """Every file under ``paths`` (folders walked recursively, sorted), with whether the user named it itself;
+    nothing under ``exclude`` (an output folder inside an input folder)."""
+    excluded = exclude.resolve() if exclude is not None else None
+    for p in map(Path, paths):
+        if not p.is_dir():
+            yield p, True
+            continue
+        for root, dirs, files in os.walk(p):
+            here = Path(root).resolve()
+            if excluded is not None and (here == excluded or excluded in here.parents):
+                dirs[:] = []
+                continue
+            dirs.sort()
+            for name in sorted(files):
+                yield Path(root) / name, False
 
 
 def _looks_like_dataset(data: bytes) -> bool:
@@ -101,14 +119,20 @@ def load(source: str | os.PathLike[str] | bytes) -> Loaded:
             raise Truncated("truncated file: a DICM header but no readable data element")
         raise NotDicom("no data elements")
     ds.preamble = None  # the input's 128 bytes may hold anything (some writers put the patient's name there)
-    meta = getattr(ds, "file_meta", None)
-    ts = meta.get("TransferSyntaxUID") if meta is not None else None
-    if ts is None:
-        implicit, little = ds.original_encoding
-        ts = ImplicitVRLittleEndian if implicit else (ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
+    ts = transfer_syntax_of(ds)
     if ts != DeflatedExplicitVRLittleEndian:  # deflated: offsets are in the inflated stream, not in ``data``
         _check_complete(ds, data)
-    return Loaded(ds, data, UID(str(ts)))
+    return Loaded(ds, data, ts)
+
+
+def transfer_syntax_of(ds: Dataset) -> UID:
+    """The file meta's transfer syntax, or the encoding pydicom found in a file without one."""
+    meta = getattr(ds, "file_meta", None)
+    ts = meta.get("TransferSyntaxUID") if meta is not None else None
+    if ts is not None:
+        return UID(str(ts))
+    implicit, little = ds.original_encoding
+    return ImplicitVRLittleEndian if implicit else (ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
 
 
 class Truncated(ValueError):
@@ -160,8 +184,7 @@ def _spliceable(loaded: Loaded, transfer_syntax: str) -> bool:
 def encode(loaded: Loaded, transfer_syntax: str | None = None) -> list[bytes | memoryview]:
     """The output file as a list of chunks (preamble, meta, elements); join or ``writelines`` them."""
     ds = loaded.ds
-    meta_ts = getattr(ds, "file_meta", {}).get("TransferSyntaxUID")  # an edit may have changed it
-    ts = UID(transfer_syntax or meta_ts or loaded.transfer_syntax)
+    ts = UID(transfer_syntax or transfer_syntax_of(ds))  # an edit (an embedded image) may have changed it
     meta = new_file_meta(ds, ts)
     if not _spliceable(loaded, ts):
         out = io.BytesIO()

@@ -15,7 +15,6 @@ from pydicom.uid import (
     JPEG2000,
     UID,
     DeflatedExplicitVRLittleEndian,
-    ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
     JPEG2000Lossless,
@@ -25,6 +24,7 @@ from pydicom.uid import (
 )
 
 from node.dicom.errors import NotSupported
+from node.dicom.fileio import transfer_syntax_of
 
 UNCOMPRESSED = (ImplicitVRLittleEndian, ExplicitVRLittleEndian, DeflatedExplicitVRLittleEndian)
 ENCODABLE = (RLELossless, JPEGLSLossless, JPEGLSNearLossless, JPEG2000Lossless, JPEG2000)
@@ -50,15 +50,6 @@ def check_target(target: str) -> None:
                            f"no encoder installed; possible targets: {names}")  # fmt: skip
 
 
-def _current(ds: Dataset) -> UID:
-    meta = getattr(ds, "file_meta", None)
-    ts = meta.get("TransferSyntaxUID") if meta is not None else None
-    if ts is None:
-        implicit, little = ds.original_encoding
-        return ImplicitVRLittleEndian if implicit else (ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
-    return UID(str(ts))
-
-
 def transcode(ds: Dataset, target: str) -> bool:
     """Re-encode ``ds`` (in place) in ``target``; True when the result is lossy-compressed.
 
@@ -68,7 +59,7 @@ def transcode(ds: Dataset, target: str) -> bool:
     Raises :class:`~node.dicom.errors.NotSupported` naming the target and what is possible instead.
     """
     target = UID(target)
-    source = _current(ds)
+    source = transfer_syntax_of(ds)
     if target == source:
         return False
     check_target(target)

@@ -7,9 +7,8 @@ that proposes exactly the (SOP class, transfer syntax) pairs of the files, so a 
 
 from __future__ import annotations
 
-import os
 import re
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +18,8 @@ from pydicom.errors import InvalidDicomError
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, _config
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+from node.dicom.fileio import MEDIA_STORAGE_DIRECTORY
 
 MAX_CONTEXTS = 128  # DICOM PS3.8: presentation context IDs are odd numbers 1..255
 
@@ -74,9 +75,6 @@ def echo(target: Target, calling_aet: str = "DICOMNODE", timeout: float = 10) ->
     return code == 0, f"status 0x{code:04X}"
 
 
-MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"  # DICOMDIR: an index of files, not an instance to store
-
-
 class NotAnInstance(InvalidDicomError):
     """A DICOM file that is not a storable instance (a DICOMDIR)."""
 
@@ -99,18 +97,6 @@ class StoreReport:
     @property
     def ok(self) -> bool:
         return not self.failures
-
-
-def iter_files(paths: Iterable[str | os.PathLike[str]]) -> Iterator[tuple[Path, bool]]:
-    """Every file under the given paths, with whether the user named it explicitly."""
-    for p in map(Path, paths):
-        if p.is_dir():
-            for root, dirs, files in os.walk(p):
-                dirs.sort()
-                for name in sorted(files):
-                    yield Path(root) / name, False
-        else:
-            yield p, True
 
 
 def inspect(path: Path) -> FileToSend:
