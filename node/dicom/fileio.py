@@ -304,11 +304,3 @@ def _body_chunks(loaded: Loaded) -> Iterator[bytes | memoryview]:
             write_data_element(pending, elem, encodings)
     if pending.tell():
         yield pending.getvalue()
-
-
-def write(loaded: Loaded, path: str | os.PathLike[str], transfer_syntax: str | None = None) -> int:
-    """Write the edited dataset to ``path`` (created exclusively: an existing file is never overwritten)."""
-    chunks = encode(loaded, transfer_syntax)
-    with open(path, "xb") as fh:
-        fh.writelines(chunks)
-        return fh.tell()

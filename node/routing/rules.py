@@ -67,7 +67,6 @@ class Origin:
 @dataclass(frozen=True)
 class TagCondition:
     path: DicomPath
-    text: str  # the path as written, for messages
     patterns: tuple[str, ...] = ()  # equals / wildcard / one of
     regex: re.Pattern[str] | None = None
     low: str | None = None
@@ -187,28 +186,28 @@ def _condition(text: str, spec: Any, where: str) -> TagCondition:
     except tagmod.TagError as exc:
         raise RouteError(f"{where}: {exc}") from None
     if isinstance(spec, str | list):
-        return TagCondition(path, text, patterns=_strings(spec, f"{where}.{text}"))
+        return TagCondition(path, patterns=_strings(spec, f"{where}.{text}"))
     if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in CONDITION_KEYS:
         raise RouteError(f"{where}.{text}: a condition is a string, a list of strings, or one of "
                          f"{{{', '.join(sorted(CONDITION_KEYS))}: …}}, got {spec!r}")  # fmt: skip
     kind, arg = next(iter(spec.items()))
     if kind in ("Equals", "OneOf"):
-        return TagCondition(path, text, patterns=_strings(arg, f"{where}.{text}.{kind}"))
+        return TagCondition(path, patterns=_strings(arg, f"{where}.{text}.{kind}"))
     if kind == "Regex":
         if not isinstance(arg, str):
             raise RouteError(f"{where}.{text}.Regex must be a string")
         try:
-            return TagCondition(path, text, regex=re.compile(arg))
+            return TagCondition(path, regex=re.compile(arg))
         except re.error as exc:
             raise RouteError(f"{where}.{text}.Regex: invalid regular expression: {exc}") from None
     if kind == "Range":
         if not isinstance(arg, str) or arg.count("-") != 1:
             raise RouteError(f"{where}.{text}.Range must be 'low-high' (either side may be empty), got {arg!r}")
         low, high = (s.strip() or None for s in arg.split("-"))
-        return TagCondition(path, text, low=low, high=high)
+        return TagCondition(path, low=low, high=high)
     if not isinstance(arg, bool):
         raise RouteError(f"{where}.{text}.Present must be true or false")
-    return TagCondition(path, text, present=arg)
+    return TagCondition(path, present=arg)
 
 
 def parse_filter(raw: Any, where: str) -> Filter:
