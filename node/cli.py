@@ -1,4 +1,4 @@
-"""The ``dicom-node`` command: serve, echo, store, stats, anonymize, modify."""
+"""The ``dicom-node`` command: serve, echo, store, stats, anonymize, modify, queue, replay."""
 
 from __future__ import annotations
 
@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     from node import cli_edit
 
     cli_edit.add_commands(sub)
+    from node import cli_routing
+
+    cli_routing.add_commands(sub, _add_config_flags)
     return parser
 
 

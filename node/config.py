@@ -12,6 +12,7 @@ Relative paths are resolved against the folder of the configuration file, as Ort
 from __future__ import annotations
 
 import copy
+import dataclasses
 import difflib
 import json
 import os
@@ -45,6 +46,13 @@ DEFAULTS: dict[str, Any] = {
     "MaximumPduLength": 4194304,
     "SyncStorageArea": True,
     "Routes": [],
+    "RoutingWorkers": 0,
+    "RoutingMaxAttempts": 10,
+    "RoutingRetryDelay": 2,
+    "RoutingRetryMaxDelay": 300,
+    "RoutingLeaseTimeout": 120,
+    "RoutingAssociationsPerDestination": 2,
+    "RoutingBatchSize": 32,
 }
 
 #: Keys of Orthanc 1.10's configuration (and its common plugin sections) that we accept but do not implement
@@ -301,17 +309,48 @@ def _validate(values: dict[str, Any], source: str, base_dir: Path, warnings: lis
     if url and not url.startswith(("sqlite:///", "postgresql://", "postgres://")):
         raise ConfigError(f"{source}: key 'Database' must be a sqlite:///… or postgresql://… URL, got {url!r}")
     modalities = _parse_modalities(values["DicomModalities"], source)
+    if any(m.name.startswith("@") for m in modalities):
+        raise ConfigError(f"{source}: DicomModalities: names starting with '@' are reserved (@archive)")
     from node.routing.rules import RouteError, parse_routes
 
     try:
         routes = parse_routes(values["Routes"], [m.name for m in modalities])
     except RouteError as exc:
         raise ConfigError(f"{source}: key 'Routes': {exc}") from None
+    routes = tuple(_resolve_key_file(r, base_dir, source) for r in routes)
+    for key in ("RoutingMaxAttempts", "RoutingLeaseTimeout", "RoutingAssociationsPerDestination"):
+        if values[key] < 1:
+            raise ConfigError(f"{source}: key {key!r} must be at least 1, got {values[key]}")
+    if not 1 <= values["RoutingBatchSize"] <= 40:
+        raise ConfigError(f"{source}: key 'RoutingBatchSize' must be 1..40 (an association carries at most 128 "
+                          f"presentation contexts, 3 per instance), got {values['RoutingBatchSize']}")  # fmt: skip
+    if values["RoutingWorkers"] < 0:
+        raise ConfigError(f"{source}: key 'RoutingWorkers' must be 0 (one per core) or more")
+    if not 0 < values["RoutingRetryDelay"] <= values["RoutingRetryMaxDelay"]:
+        raise ConfigError(f"{source}: keys 'RoutingRetryDelay' and 'RoutingRetryMaxDelay' must satisfy "
+                          f"0 < RoutingRetryDelay <= RoutingRetryMaxDelay")  # fmt: skip
     cfg = Config(values=values, source=source, base_dir=base_dir, warnings=tuple(warnings), modalities=modalities,
                  routes=routes)  # fmt: skip
     for key in ("StorageDirectory", "IndexDirectory"):
         _check_dir(cfg.path(key), key, source)
     return cfg
+
+
+def _resolve_key_file(route: Any, base_dir: Path, source: str) -> Any:
+    """A rule's ``PseudonymKeyFile``: resolved like every path, and checked now (a missing secret found on the
+    first instance would hold the whole queue)."""
+    if route.key_file is None:
+        return route
+    path = (base_dir / os.path.expanduser(route.key_file)).resolve()
+    try:
+        key = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{source}: key 'Routes': rule {route.name!r}: PseudonymKeyFile {path}: "
+                          f"{exc.strerror or exc}") from None  # fmt: skip
+    if len(key.strip()) < 16:
+        raise ConfigError(f"{source}: key 'Routes': rule {route.name!r}: PseudonymKeyFile {path} holds fewer "
+                          f"than 16 bytes: not a secret")  # fmt: skip
+    return dataclasses.replace(route, key_file=str(path))
 
 
 def _check_dir(path: Path, key: str, source: str) -> None:

@@ -22,10 +22,13 @@ from types import FrameType
 from typing import IO
 
 from node import logs
+from node.archive import outbox
+from node.archive.models import Outbox
 from node.archive.store import Archive, open_archive, recover
 from node.config import Config, ConfigError
 from node.net.access import AccessPolicy
 from node.net.scp import StoreSCP, make_ae, start_server
+from node.routing import worker
 
 log = logs.get("dicom-node")
 
@@ -65,6 +68,15 @@ def receiver_processes(cfg: Config) -> int:
     return n if n > 0 else min(16, 4 * (os.cpu_count() or 1))
 
 
+def routing_workers(cfg: Config) -> int:
+    """``RoutingWorkers``, or one per core when 0. Without rules one still runs: it declares series and studies
+    stable (the ``StableSeries``/``StableStudy`` changes) and ends rows left by an earlier configuration."""
+    if not cfg.routes:
+        return 1
+    n = int(cfg["RoutingWorkers"])
+    return n if n > 0 else os.cpu_count() or 1
+
+
 def _open(cfg: Config, slot: str = "0") -> Archive:
     return open_archive(cfg.database_url, cfg.storage_dir, overwrite=cfg["OverwriteInstances"],
                         sync=cfg["SyncStorageArea"], slot=slot)  # fmt: skip
@@ -80,7 +92,7 @@ def _run_receiver(cfg: Config, stop: StopFlag, slot: str, reuse_port: bool) -> N
         check_called_aet=cfg["DicomCheckCalledAet"],
         unknown_sop_classes=cfg["UnknownSopClassAccepted"],
     )
-    scp = StoreSCP(archive=archive, policy=AccessPolicy.from_config(cfg))
+    scp = StoreSCP(archive=archive, policy=AccessPolicy.from_config(cfg), routes=cfg.routes)
     server = start_server(ae, scp, cfg["DicomListenAddress"], cfg["DicomPort"], reuse_port=reuse_port)
     try:
         while not stop.wait(1.0):
@@ -88,6 +100,14 @@ def _run_receiver(cfg: Config, stop: StopFlag, slot: str, reuse_port: bool) -> N
     finally:
         server.shutdown()
         server.server_close()
+        archive.close()
+
+
+def _run_router(cfg: Config, stop: StopFlag, slot: str) -> None:
+    archive = _open(cfg, slot)
+    try:
+        worker.run(cfg, archive, stop, slot, scheduler=slot == "w0")
+    finally:
         archive.close()
 
 
@@ -131,11 +151,6 @@ def _die_with_parent(parent: int) -> None:
 
 def serve(cfg: Config) -> int:
     """Run until SIGTERM/SIGINT. Returns the process exit code."""
-    if cfg.routes:
-        # Rules are validated, but the workers that carry them out are not built yet (issue 4). Starting anyway
-        # would store every image and silently forward none: a gateway operator must hear it at once.
-        raise ConfigError(f"{cfg.source}: key 'Routes': forwarding rules are not carried out by this version "
-                          f"yet; remove 'Routes' to run the archive alone")  # fmt: skip
     os.umask(0o077)  # DICOM files and the index hold PHI: readable by the node's user only
     for w in cfg.warnings:
         log.warning("configuration", message=w)
@@ -144,9 +159,13 @@ def serve(cfg: Config) -> int:
     _check_port(cfg["DicomListenAddress"], cfg["DicomPort"])
     archive = _open(cfg)  # creates the schema
     finished, dropped, _ = recover(archive)  # every receiver's leftovers, before any receiver runs
+    with archive.db.connection_context():
+        released = outbox.release_claims_of(archive.db, worker.worker_prefix(cfg))  # ours, from before a crash
+        queued = Outbox.select().where(Outbox.state.in_([outbox.PENDING, outbox.CLAIMED])).count()
     log.info("dicom-node starting", name=cfg["Name"], aet=cfg["DicomAet"], port=cfg["DicomPort"],
              storage=str(cfg.storage_dir), database=cfg.database_url, receivers=n, pid=os.getpid(),
-             recovered=finished, dropped_partial=dropped, config=cfg.source)  # fmt: skip
+             recovered=finished, dropped_partial=dropped, config=cfg.source, routes=[r.name for r in cfg.routes],
+             routing_workers=routing_workers(cfg), queued=queued, claims_released=released)  # fmt: skip
     stop = StopFlag()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -155,10 +174,6 @@ def serve(cfg: Config) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     try:
-        if n == 1:
-            archive.close()
-            _run_receiver(cfg, stop, "0", reuse_port=False)
-            return 0
         return _supervise(cfg, archive, n, stop)
     finally:
         log.info("dicom-node stopped")
@@ -166,7 +181,8 @@ def serve(cfg: Config) -> int:
 
 
 def _supervise(cfg: Config, archive: Archive, n: int, stop: StopFlag) -> int:
-    """Fork ``n`` receivers; restart one that dies after recovering its spool folder; stop them all."""
+    """Fork ``n`` receivers and the routing workers; restart one that dies after recovering its spool folder
+    (and, for a routing worker, releasing the rows it had claimed); stop them all."""
     children: dict[int, tuple[str, float]] = {}
     parent = os.getpid()
     archive.close()
@@ -180,9 +196,13 @@ def _supervise(cfg: Config, archive: Archive, n: int, stop: StopFlag) -> int:
             signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides
             code = 0
             try:
-                _run_receiver(cfg, child_stop, slot, reuse_port=True)
+                if slot.startswith("w"):
+                    _run_router(cfg, child_stop, slot)
+                else:
+                    _run_receiver(cfg, child_stop, slot, reuse_port=True)
             except BaseException as exc:  # noqa: BLE001 - report and leave: the parent restarts us
-                log.error("receiver crashed", slot=slot, error=repr(exc))
+                log.error("receiver crashed" if not slot.startswith("w") else "routing worker crashed", slot=slot,
+                          error=repr(exc))  # fmt: skip
                 code = 1
             finally:
                 sys.stdout.flush()
@@ -192,6 +212,8 @@ def _supervise(cfg: Config, archive: Archive, n: int, stop: StopFlag) -> int:
 
     for i in range(n):
         spawn(str(i))
+    for i in range(routing_workers(cfg)):
+        spawn(f"w{i}")
     quick_deaths = 0
     code = 0
     pending: list[tuple[str, int, int]] = []
@@ -214,6 +236,9 @@ def _supervise(cfg: Config, archive: Archive, n: int, stop: StopFlag) -> int:
             slot, dead_pid, status = item
             try:
                 finished, dropped, _ = recover(archive, slots=[slot])
+                if slot.startswith("w"):
+                    with archive.db.connection_context():
+                        outbox.release_claims_of(archive.db, f"{worker.worker_prefix(cfg)}{slot}:{dead_pid}")
             except Exception as exc:  # noqa: BLE001 - retried on the next round; the other receivers go on
                 log.error("recovery of a dead receiver's files failed; retrying", slot=slot, error=str(exc))
                 continue

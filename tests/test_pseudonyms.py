@@ -8,10 +8,11 @@ import sqlite3
 from pathlib import Path
 
 import pydicom
+import pytest
 from conftest import SAMPLES
 
 from node.archive.db import open_index
-from node.archive.models import SCHEMA_VERSION, Property, Pseudonym
+from node.archive.models import SCHEMA_VERSION, Outbox, Property, Pseudonym, Study
 from node.archive.pseudonyms import DatabaseUidMap
 from node.dicom import fileio
 from node.dicom.apply import apply
@@ -45,7 +46,9 @@ def _map_all(args: tuple[str, list[str]]) -> list[str]:
     db_url, originals = args
     db = open_index(db_url)
     uid_map = DatabaseUidMap(db, "p")
-    return [uid_map.map(Level.INSTANCE, o) for o in originals]
+    out = [uid_map.map(Level.INSTANCE, o) for o in originals]
+    uid_map.flush()
+    return out
 
 
 def test_processes_racing_on_the_same_originals_agree(tmp_path: Path) -> None:
@@ -77,15 +80,34 @@ def test_instances_anonymized_one_request_at_a_time_stay_one_study(tmp_path: Pat
     assert not originals & {d.StudyInstanceUID for d in out}
 
 
-def test_an_index_of_schema_version_1_is_migrated(tmp_path: Path) -> None:
+@pytest.mark.parametrize("version", [1, 2])
+def test_an_older_index_is_migrated(tmp_path: Path, version: int) -> None:
+    """A version-1/2 index (no Pseudonym/Outbox, no stability columns) opens as the current schema; the
+    series and studies already there count as stable (a new StableStudy rule does not resend the archive)."""
     db = open_index(url(tmp_path))
     db.close()
     con = sqlite3.connect(tmp_path / "index.db")
-    con.execute("DROP TABLE pseudonym")
-    con.execute("UPDATE property SET value = '1' WHERE key = 'SchemaVersion'")
+    con.execute("INSERT INTO patient (public_id, patient_id, patient_name, main_tags, last_update) "
+                "VALUES ('p', 'P', '', '{}', '2020-01-01')")  # fmt: skip
+    con.execute("INSERT INTO study (public_id, patient_id, study_uid, study_date, accession_number, main_tags, "
+                "last_update, stable_pending) VALUES ('s', 1, '1.2', '', '', '{}', '2020-01-01', 1)")  # fmt: skip
+    con.execute("DROP TABLE outbox")
+    if version == 1:
+        con.execute("DROP TABLE pseudonym")
+    for table in ("series", "study"):
+        con.execute(f"DROP INDEX {table}_stable_pending")
+        con.execute(f"ALTER TABLE {table} DROP COLUMN stable_pending")
+        con.execute(f"ALTER TABLE {table} DROP COLUMN stable_seen")
+    con.execute(f"UPDATE property SET value = '{version}' WHERE key = 'SchemaVersion'")
     con.commit()
     con.close()
     db = open_index(url(tmp_path))
     with db.connection_context():
-        assert Property.get(Property.key == "SchemaVersion").value == str(SCHEMA_VERSION) == "2"
+        assert Property.get(Property.key == "SchemaVersion").value == str(SCHEMA_VERSION) == "3"
         assert Pseudonym.select().count() == 0
+        assert Outbox.select().count() == 0
+        study = Study.get(Study.public_id == "s")
+        assert study.stable_pending is False and study.stable_seen is None
+    db.close()
+    db = open_index(url(tmp_path))  # and opens again as it is
+    db.close()

@@ -48,8 +48,8 @@ def ct() -> Dataset:
         ([rule(Filter={"RemoteHost": "10.0.0.300"})], "RemoteHost: '10.0.0.300' is not an IP address"),
         ([rule(Forwards=["dest"])], "unknown key(s) Forwards"),
         ([{"Name": "r1"}], "Routes[0] (r1): the rule does nothing"),
-        ([{"Name": "r1", "Anonymize": {}, "DeleteSourceAfterSuccess": True}],
-         "DeleteSourceAfterSuccess needs a Forward"),
+        ([rule(DeleteSourceAfterSuccess="yes")], "Routes[0] (r1).DeleteSourceAfterSuccess must be true or false"),
+        ([rule(PseudonymKeyFile="")], "Routes[0] (r1): PseudonymKeyFile must be the path"),
     ],
 )  # fmt: skip
 def test_invalid_rules_are_refused_naming_the_rule(routes: object, message: str) -> None:
@@ -138,18 +138,3 @@ def test_any_of_not_and_several_matching_rules() -> None:
     test_patient.PatientID = "TEST1"
     assert [r.name for r in matching(routes, "Instance", test_patient, Origin())] == ["ct-or-mr"]
     assert [r.name for r in matching(routes, "StableStudy", None, Origin())] == ["stable"]
-
-
-def test_serve_refuses_rules_it_cannot_carry_out_yet(tmp_path: Path) -> None:
-    """Until the forwarding workers exist, a node with Routes would store everything and forward nothing:
-    it must not start silently."""
-    import subprocess
-    import sys
-
-    example = Path(__file__).resolve().parents[1] / "conf" / "gateway.example.json"
-    copy = tmp_path / "gateway.json"
-    copy.write_text(example.read_text())
-    r = subprocess.run([sys.executable, "-m", "node", "serve", "--config", str(copy), "--dicom-port", "0"],
-                       capture_output=True, text=True, timeout=60)  # fmt: skip
-    assert r.returncode == 2
-    assert "key 'Routes': forwarding rules are not carried out by this version yet" in r.stderr

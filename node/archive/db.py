@@ -7,8 +7,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from peewee import Database, SqliteDatabase
+from peewee import BooleanField, Database, DateTimeField, SqliteDatabase
 from playhouse.db_url import connect as connect_url
+from playhouse.migrate import SchemaMigrator
+from playhouse.migrate import migrate as migrate_columns
 
 from node.archive.models import ALL_MODELS, SCHEMA_VERSION, Property, database
 
@@ -41,31 +43,49 @@ def connect(url: str) -> Database:
 
 
 def open_index(url: str) -> Database:
-    """Connect, create missing tables, check and record the schema version."""
+    """Connect, create missing tables, check and record the schema version (migrating an older index)."""
     db = connect(url)
     with db.connection_context(), db.atomic():
-        db.create_tables(ALL_MODELS, safe=True)
-        row = Property.get_or_none(Property.key == "SchemaVersion")
-        if row is None:
-            Property.create(key="SchemaVersion", value=str(SCHEMA_VERSION))
-        elif int(row.value) > SCHEMA_VERSION:
+        version = None
+        if db.table_exists(Property._meta.table_name):
+            row = Property.get_or_none(Property.key == "SchemaVersion")
+            version = int(row.value) if row is not None else None
+        if version is not None and version > SCHEMA_VERSION:
             raise SchemaError(
-                f"the index at {url} has schema version {row.value}, newer than this dicom-node "
+                f"the index at {url} has schema version {version}, newer than this dicom-node "
                 f"({SCHEMA_VERSION}): upgrade dicom-node"
             )
-        elif int(row.value) < SCHEMA_VERSION:
-            migrate(db, int(row.value))
+        if version is not None and version < SCHEMA_VERSION:
+            migrate(db, version)  # before create_tables: its indexes may name the columns a migration adds
+        db.create_tables(ALL_MODELS, safe=True)
+        if version is None:
+            Property.create(key="SchemaVersion", value=str(SCHEMA_VERSION))
+        elif version < SCHEMA_VERSION:
+            Property.update(value=str(SCHEMA_VERSION)).where(Property.key == "SchemaVersion").execute()
     return db
 
 
 def migrate(db: Database, from_version: int) -> None:
     """Bring an older index up to :data:`SCHEMA_VERSION` (called inside the opening transaction).
 
-    1 → 2 only added the Pseudonym table, which ``create_tables(safe=True)`` has just created.
+    1 → 2 only added the Pseudonym table, which ``create_tables(safe=True)`` creates next (as it does 3's
+    Outbox). 2 → 3 adds the stability columns to Series and Study; resources already there start *stable*, so
+    switching on a StableStudy rule does not forward the whole existing archive.
     """
     if from_version < 1:
         raise SchemaError(f"no migration from schema version {from_version} to {SCHEMA_VERSION}")
-    Property.update(value=str(SCHEMA_VERSION)).where(Property.key == "SchemaVersion").execute()
+    if from_version < 3:
+        migrator = SchemaMigrator.from_database(db)
+        ops = []
+        for table in ("series", "study"):
+            columns = {c.name for c in db.get_columns(table)}
+            if "stable_pending" not in columns:
+                ops.append(migrator.add_column(table, "stable_pending", BooleanField(default=False, index=True)))
+            if "stable_seen" not in columns:
+                ops.append(migrator.add_column(table, "stable_seen", DateTimeField(null=True)))
+        migrate_columns(*ops)
+        for table in ("series", "study"):
+            db.execute_sql(f'CREATE INDEX IF NOT EXISTS "{table}_stable_pending" ON "{table}" (stable_pending)')
 
 
 @contextlib.contextmanager

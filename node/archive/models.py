@@ -12,6 +12,7 @@ import datetime as dt
 from peewee import (
     AutoField,
     BigIntegerField,
+    BooleanField,
     CharField,
     DatabaseProxy,
     DateTimeField,
@@ -24,7 +25,7 @@ from peewee import (
 database = DatabaseProxy()
 
 #: Bumped whenever the tables change; :func:`node.archive.db.migrate` knows how to get from each older one.
-SCHEMA_VERSION = 2  # 2: Pseudonym
+SCHEMA_VERSION = 3  # 2: Pseudonym; 3: Outbox, stability columns of Series and Study
 
 
 def utcnow() -> dt.datetime:
@@ -55,6 +56,10 @@ class Study(BaseModel):
     accession_number = CharField(index=True, default="")
     main_tags = TextField()
     last_update = DateTimeField(default=utcnow, index=True)
+    #: Set when an instance arrives, cleared when the resource is declared stable (``StableAge`` seconds later).
+    stable_pending = BooleanField(default=True, index=True)
+    #: ``received_at`` of the newest instance a stable trigger has covered: the next one covers newer ones only.
+    stable_seen = DateTimeField(null=True)
 
 
 class Series(BaseModel):
@@ -65,6 +70,10 @@ class Series(BaseModel):
     modality = CharField(index=True, default="")
     main_tags = TextField()
     last_update = DateTimeField(default=utcnow, index=True)
+    #: Set when an instance arrives, cleared when the resource is declared stable (``StableAge`` seconds later).
+    stable_pending = BooleanField(default=True, index=True)
+    #: ``received_at`` of the newest instance a stable trigger has covered: the next one covers newer ones only.
+    stable_seen = DateTimeField(null=True)
 
 
 class Instance(BaseModel):
@@ -128,4 +137,36 @@ class Pseudonym(BaseModel):
         indexes = ((("project", "namespace", "original"), True),)
 
 
-ALL_MODELS = (Patient, Study, Series, Instance, Change, Property, Garbage, Pseudonym)
+class Outbox(BaseModel):
+    """One thing to deliver: an instance, as a rule transforms it, to one destination (the routing outbox).
+
+    ``state`` goes pending → claimed → done, or back to pending with a later ``next_attempt`` after a failure,
+    or to dead after the rule's last attempt (kept until retried or discarded). A claimed row whose
+    ``lease_until`` has passed belongs to a worker that died: it is pending again. ``instance`` is the
+    instance's public ID (not a foreign key: a row outlives a deleted instance and says so).
+    """
+
+    id = AutoField()
+    instance = CharField(max_length=44)
+    study = CharField(max_length=44, index=True)
+    rule = CharField(max_length=64)
+    destination = CharField(max_length=64)
+    state = CharField(max_length=8, default="pending")
+    attempts = IntegerField(default=0)
+    next_attempt = DateTimeField(default=utcnow)
+    lease_until = DateTimeField(null=True)
+    claimed_by = CharField(max_length=128, default="")
+    claim = CharField(max_length=36, default="")
+    last_status = IntegerField(null=True)
+    last_error = TextField(default="")
+    created_at = DateTimeField(default=utcnow)
+    updated_at = DateTimeField(default=utcnow)
+
+    class Meta:
+        indexes = (
+            (("instance", "rule", "destination"), True),
+            (("state", "destination", "next_attempt"), False),
+        )
+
+
+ALL_MODELS = (Patient, Study, Series, Instance, Change, Property, Garbage, Pseudonym, Outbox)

@@ -1,23 +1,43 @@
 """The persistent UID map: :class:`~node.dicom.uidmap.UidMap` backed by the index (table ``pseudonym``).
 
 Routing anonymizes instance by instance, in several processes, across restarts; Orthanc's per-request map
-would give every instance its own new study (spec §3.2, edge case 70). Here the first process to see an
-original value inserts its new value; ``INSERT … ON CONFLICT DO NOTHING`` followed by a read makes every
-process agree on the winner, on SQLite and PostgreSQL alike, without a lock held across the engine's work.
+would give every instance its own new study (spec §3.2, edge case 70). Each project has a secret key, made once
+and kept in the index (``Property`` ``PseudonymKey:<project>``); a new value is derived from it and the
+original (:class:`~node.dicom.uidmap.KeyedUidMap`), so every process finds the same value without a write
+lock, and the pairs are recorded in the table in one transaction per batch (:meth:`DatabaseUidMap.flush`):
+that table is what an authorised person reads to go back from a pseudonym to the original. A value already in
+the table (a forced ``Replace``) wins over the derived one.
 """
 
 from __future__ import annotations
 
+import os
 import threading
-import uuid
 
 from peewee import Database
-from pydicom.uid import generate_uid
 
 from node.archive.db import write_transaction
-from node.archive.models import Pseudonym, utcnow
+from node.archive.models import Property, Pseudonym, utcnow
 from node.dicom.levels import Level
-from node.dicom.uidmap import namespace
+from node.dicom.uidmap import KeyedUidMap, namespace
+
+#: Pseudonym namespace of the ``Anonymized<N>`` numbers (keyed by the original PatientID), and the counter.
+NAME_SPACE = "PATIENT-NAME"
+NAME_COUNTER = "AnonymizationSequence"
+#: Pairs recorded at the latest after this many new ones (a worker also flushes after each batch).
+FLUSH_EVERY = 512
+
+
+def project_key(db: Database, project: str) -> bytes:
+    """The project's secret, created on first use (insert-or-ignore then read: processes agree on it)."""
+    name = f"PseudonymKey:{project}"
+    with db.connection_context():
+        row = Property.get_or_none(Property.key == name)
+        if row is None:
+            with write_transaction(db):
+                Property.insert(key=name, value=os.urandom(32).hex()).on_conflict_ignore().execute()
+            row = Property.get(Property.key == name)
+    return bytes.fromhex(row.value)
 
 
 class DatabaseUidMap:
@@ -28,6 +48,8 @@ class DatabaseUidMap:
         self.project = project
         self._lock = threading.Lock()
         self._memo: dict[tuple[str, str], str] = {}
+        self._pending: list[tuple[str, str, str]] = []
+        self._derive = KeyedUidMap(project_key(db, project))
 
     def _read(self, space: str, original: str) -> str | None:
         row = (
@@ -48,21 +70,37 @@ class DatabaseUidMap:
             return new
         with self.db.connection_context():
             new = self._read(space, stripped)
-            if new is None:
-                candidate = str(uuid.uuid4()) if level is Level.PATIENT else generate_uid()
-                with write_transaction(self.db):
-                    Pseudonym.insert(project=self.project, namespace=space, original=stripped, new=candidate,
-                                     created_at=utcnow()).on_conflict_ignore().execute()  # fmt: skip
-                new = self._read(space, stripped)
-        assert new is not None
+        flush = False
         with self._lock:
+            if new is None:
+                new = self._derive.map(level, stripped)
+                self._pending.append((space, stripped, new))
+                flush = len(self._pending) >= FLUSH_EVERY
             self._memo[(space, stripped)] = new
+        if flush:
+            self.flush()
         return new
+
+    def flush(self) -> None:
+        """Record the new pairs (one transaction); a pair recorded meanwhile by another process is the same."""
+        with self._lock:
+            pending, self._pending = self._pending, []
+        if not pending:
+            return
+        now = utcnow()
+        with self.db.connection_context(), write_transaction(self.db):
+            for i in range(0, len(pending), 100):
+                rows = [{"project": self.project, "namespace": space, "original": old, "new": new, "created_at": now}
+                        for space, old, new in pending[i : i + 100]]  # fmt: skip
+                Pseudonym.insert_many(rows).on_conflict_ignore().execute()
 
     def register(self, level: Level, original: str, new: str) -> None:
         """A forced value (a rule's ``Replace`` of a UID): it replaces whatever was there."""
         stripped = original.strip()
         space = namespace(level, stripped)
+        with self._lock:
+            if self._memo.get((space, stripped)) == new:
+                return  # every instance of the rule registers the same value: write it once
         with self.db.connection_context(), write_transaction(self.db):
             Pseudonym.insert(project=self.project, namespace=space, original=stripped, new=new,
                              created_at=utcnow()).on_conflict(
@@ -71,3 +109,28 @@ class DatabaseUidMap:
             ).execute()  # fmt: skip
         with self._lock:
             self._memo[(space, stripped)] = new
+
+    def patient_name_number(self, original_patient_id: str) -> int:
+        """The N of ``Anonymized<N>`` for a patient: drawn once from the index-wide counter (Orthanc's
+        ``AnonymizationSequence``), then the same for every instance of that patient in this project."""
+        stripped = original_patient_id.strip()
+        with self._lock:
+            memo = self._memo.get((NAME_SPACE, stripped))
+        if memo is not None:
+            return int(memo)
+        with self.db.connection_context():
+            found = self._read(NAME_SPACE, stripped)
+            if found is None:
+                with write_transaction(self.db):
+                    row = Property.get_or_none(Property.key == NAME_COUNTER)
+                    number = int(row.value) + 1 if row is not None else 1
+                    Property.insert(key=NAME_COUNTER, value=str(number)).on_conflict(
+                        conflict_target=[Property.key], update={Property.value: str(number)}
+                    ).execute()
+                    Pseudonym.insert(project=self.project, namespace=NAME_SPACE, original=stripped,
+                                     new=str(number), created_at=utcnow()).on_conflict_ignore().execute()  # fmt: skip
+                found = self._read(NAME_SPACE, stripped)
+        assert found is not None
+        with self._lock:
+            self._memo[(NAME_SPACE, stripped)] = found
+        return int(found)

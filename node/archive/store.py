@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -18,7 +19,8 @@ from typing import Literal
 from peewee import Database, IntegrityError
 
 from node.archive.db import open_index, write_transaction
-from node.archive.models import Garbage, Instance, Patient, Series, Study, utcnow
+from node.archive.models import Change, Garbage, Instance, Patient, Series, Study, utcnow
+from node.archive.outbox import enqueue
 from node.archive.storage import FileStorage, SpoolFile
 from node.dicom.ids import ResourceIds, resource_ids
 from node.dicom.maintags import IndexTags
@@ -139,15 +141,16 @@ def _parents(
     if cached is not None:
         series_id, study_id, touched = cached
         if mono - touched >= _TOUCH_EVERY_S:
-            db.execute_sql(_sql(db, 'UPDATE "series" SET last_update = ? WHERE id = ?'), (now, series_id))
-            db.execute_sql(_sql(db, 'UPDATE "study" SET last_update = ? WHERE id = ?'), (now, study_id))
+            touch = "SET last_update = ?, stable_pending = ? WHERE id = ?"
+            db.execute_sql(_sql(db, f'UPDATE "series" {touch}'), (now, True, series_id))
+            db.execute_sql(_sql(db, f'UPDATE "study" {touch}'), (now, True, study_id))
             cache[ids.series] = (series_id, study_id, mono)
         return series_id, []
     changes: list[tuple[str, str, str]] = []
     series = Series.get_or_none(Series.public_id == ids.series)
     if series is not None:
-        Series.update(last_update=now).where(Series.id == series.id).execute()
-        Study.update(last_update=now).where(Study.id == series.study_id).execute()
+        Series.update(last_update=now, stable_pending=True).where(Series.id == series.id).execute()
+        Study.update(last_update=now, stable_pending=True).where(Study.id == series.study_id).execute()
         series_id, study_id = series.id, series.study_id
     else:
         study = Study.get_or_none(Study.public_id == ids.study)
@@ -166,7 +169,7 @@ def _parents(
                                  main_tags=json.dumps(tags.study), last_update=now)  # fmt: skip
             changes.append(("NewStudy", "Study", ids.study))
         else:
-            Study.update(last_update=now).where(Study.id == study.id).execute()
+            Study.update(last_update=now, stable_pending=True).where(Study.id == study.id).execute()
         series = Series.create(public_id=ids.series, study=study, series_uid=tags.series_uid,
                                modality=tags.series.get("Modality", ""), main_tags=json.dumps(tags.series),
                                last_update=now)  # fmt: skip
@@ -179,7 +182,7 @@ def _parents(
 
 
 def _index(archive: Archive, spool: SpoolFile, tags: IndexTags, ids: ResourceIds, origin: Origin, now: dt.datetime,
-           use_cache: bool) -> tuple[StoreStatus, str | None, str]:  # fmt: skip
+           use_cache: bool, deliveries: Sequence[tuple[str, str]]) -> tuple[StoreStatus, str | None, str]:  # fmt: skip
     """The index transaction. Returns (status, replaced file uuid, file uuid the index now points to)."""
     db = archive.db
     with write_transaction(db):
@@ -221,11 +224,18 @@ def _index(archive: Archive, spool: SpoolFile, tags: IndexTags, ids: ResourceIds
                 _sql(db, 'INSERT INTO "change" (change_type, level, public_id, date) VALUES (?, ?, ?, ?)'),
                 (change_type, level, public_id, now),
             )
+        enqueue(db, ids.instance, ids.study, deliveries, now)
     return "Success", old_uuid, spool.uuid
 
 
-def store(archive: Archive, spool: SpoolFile, tags: IndexTags, origin: Origin) -> StoreResult:
+def store(
+    archive: Archive, spool: SpoolFile, tags: IndexTags, origin: Origin, deliveries: Sequence[tuple[str, str]] = ()
+) -> StoreResult:
     """Make a spooled instance part of the archive (see the module docstring for the guarantees).
+
+    ``deliveries`` are the (rule, destination) pairs the routing rules chose for this instance: their outbox
+    rows are written in the same transaction as the instance, so an acknowledged instance is never one that
+    the gateway forgot (nor queued without being stored). A duplicate (``AlreadyStored``) queues nothing.
 
     Raises ``OSError`` (disk) or a peewee error (database) with nothing half-done: the spool file is removed
     and no row is committed.  Each thread keeps its own database connection open between calls.
@@ -240,10 +250,10 @@ def store(archive: Archive, spool: SpoolFile, tags: IndexTags, origin: Origin) -
     try:
         archive.db.connect(reuse_if_open=True)
         try:
-            status, old_uuid, uuid = _index(archive, spool, tags, ids, origin, now, use_cache=True)
+            status, old_uuid, uuid = _index(archive, spool, tags, ids, origin, now, True, deliveries)
         except (IntegrityError, _StaleCache):
             archive.series_cache.pop(ids.series, None)  # a parent changed under our cache, or a concurrent insert
-            status, old_uuid, uuid = _index(archive, spool, tags, ids, origin, now, use_cache=False)
+            status, old_uuid, uuid = _index(archive, spool, tags, ids, origin, now, False, deliveries)
     except BaseException:
         storage.discard_spool(spool.uuid)
         raise
@@ -286,3 +296,43 @@ def _after_commit(archive: Archive, uuid: str, old_uuid: str | None) -> Path:
 
 def elapsed_ms(t0: float) -> float:
     return round((time.perf_counter() - t0) * 1000, 2)
+
+
+def delete_instance(archive: Archive, public_id: str) -> bool:
+    """Remove an instance (and a series, study or patient left empty) from the index, then its file.
+
+    The file goes through ``Garbage`` like a replaced one: a crash between the commit and the unlink leaves
+    it for recovery, never an index row without its file. Returns False when the instance was not there.
+    """
+    db = archive.db
+    db.connect(reuse_if_open=True)
+    now = utcnow()
+    with write_transaction(db):
+        inst = Instance.get_or_none(Instance.public_id == public_id)
+        if inst is None:
+            return False
+        uuid = inst.file_uuid
+        Garbage.insert(file_uuid=uuid).on_conflict_ignore().execute()
+        series = Series.get_by_id(inst.series_id)
+        inst.delete_instance()
+        changes = [("Deleted", "Instance", public_id)]
+        if not Instance.select().where(Instance.series == series.id).exists():
+            study = Study.get_by_id(series.study_id)
+            series.delete_instance()
+            changes.append(("Deleted", "Series", series.public_id))
+            if not Series.select().where(Series.study == study.id).exists():
+                patient = Patient.get_by_id(study.patient_id)
+                study.delete_instance()
+                changes.append(("Deleted", "Study", study.public_id))
+                if not Study.select().where(Study.patient == patient.id).exists():
+                    patient.delete_instance()
+                    changes.append(("Deleted", "Patient", patient.public_id))
+        for change_type, level, pid in changes:
+            Change.create(change_type=change_type, level=level, public_id=pid, date=now)
+    archive.series_cache.clear()
+    try:
+        archive.storage.delete(uuid)
+        Garbage.delete().where(Garbage.file_uuid == uuid).execute()
+    except Exception as exc:  # noqa: BLE001 - left in Garbage: recovery deletes it
+        log.error("could not delete a file", file_uuid=uuid, error=str(exc))
+    return True

@@ -125,6 +125,11 @@ def load(source: str | os.PathLike[str] | bytes) -> Loaded:
     return Loaded(ds, data, ts)
 
 
+def read_header(path: str | os.PathLike[str]) -> Dataset:
+    """Every element up to the pixel data, sequences included (what a routing filter may look at)."""
+    return dcmread(path, stop_before_pixels=True, force=True)
+
+
 def transfer_syntax_of(ds: Dataset) -> UID:
     """The file meta's transfer syntax, or the encoding pydicom found in a file without one."""
     meta = getattr(ds, "file_meta", None)

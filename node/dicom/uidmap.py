@@ -110,3 +110,8 @@ class KeyedUidMap:
     def register(self, level: Level, original: str, new: str) -> None:
         with self._lock:
             self._overrides[(namespace(level, original), original.strip())] = new
+
+    def patient_name_number(self, original_patient_id: str) -> int:
+        """The N of ``Anonymized<N>``, derived like the rest (9 digits): nodes sharing the key agree on it."""
+        digest = hmac.new(self.key, f"PATIENT-NAME|{original_patient_id.strip()}".encode(), hashlib.sha256).digest()
+        return int.from_bytes(digest[:8], "big") % 10**9

@@ -30,9 +30,11 @@ from pynetdicom.transport import ThreadedAssociationServer
 from node import logs
 from node.archive.storage import FileStorage, SpoolFile, is_disk_error
 from node.archive.store import Archive, Origin, elapsed_ms, store
+from node.dicom.fileio import read_header
 from node.dicom.maintags import MalformedDataset, read_index_tags
 from node.net.access import AccessPolicy
 from node.net.fastpath import FastRequestHandler
+from node.routing import rules
 
 log = logs.get("dicom-node.scp")
 
@@ -116,6 +118,7 @@ class StoreSCP:
 
     archive: Archive
     policy: AccessPolicy
+    routes: tuple[rules.Route, ...] = ()
     _stats: weakref.WeakKeyDictionary[Any, _AssocStats] = field(default_factory=weakref.WeakKeyDictionary)
     _fsync_pool: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(8, "fsync"))
 
@@ -188,7 +191,11 @@ class StoreSCP:
                         dataset_uid=tags.sop_uid, peer_aet=rq.ae_title)  # fmt: skip
         origin = Origin("DicomProtocol", rq.ae_title.strip(), event.assoc.acceptor.ae_title.strip(), rq.address)
         try:
-            result = store(self.archive, spool, tags, origin)
+            deliveries = self._route(spool.name, origin)
+        except MalformedDataset as exc:
+            return fail(CANNOT_UNDERSTAND, str(exc), "malformed")
+        try:
+            result = store(self.archive, spool, tags, origin, deliveries)
         except OSError as exc:
             kind = "disk" if is_disk_error(exc) else "io"
             return fail(OUT_OF_RESOURCES, f"{kind} failure: {exc.strerror or type(exc).__name__}", kind)
@@ -200,7 +207,28 @@ class StoreSCP:
         log.info("stored", sop_instance_uid=tags.sop_uid, status=result.status, instance=result.ids.instance,
                  series=result.ids.series, study=result.ids.study, patient=result.ids.patient,
                  bytes=result.size, peer_aet=rq.ae_title, ms=elapsed_ms(t0))  # fmt: skip
+        if result.status == "Success":
+            for rule, destination in deliveries:
+                log.info("queued", rule=rule, destination=destination, instance=result.ids.instance,
+                         study=result.ids.study, sop_instance_uid=tags.sop_uid)  # fmt: skip
         return SUCCESS
+
+    def _route(self, path: str, origin: Origin) -> list[tuple[str, str]]:
+        """The (rule, destination) deliveries of the Instance-triggered rules, queued with the instance.
+
+        The header (no pixel data) is read only when a filter looks at tags.
+        """
+        instance_rules = [r for r in self.routes if r.trigger == "Instance"]
+        if not instance_rules:
+            return []
+        ds = None
+        if any(r.filter.needs_dataset for r in instance_rules):
+            try:
+                ds = read_header(path)
+            except Exception as exc:
+                raise MalformedDataset(f"cannot read the dataset for the routing rules: {exc}") from exc
+        where = rules.Origin(origin.remote_aet, origin.called_aet, origin.remote_ip)
+        return rules.deliveries(instance_rules, "Instance", ds, where)
 
     def _failure(
         self, event: evt.Event, spool: SpoolFile, sop_uid: str, t0: float, st: _AssocStats

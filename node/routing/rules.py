@@ -25,8 +25,12 @@ pure function of the dataset and where it came from, so it is trivial to test an
         "Modify": {"Replace": {"InstitutionName": "Research"}},
         "Forward": ["dest"],                         // names in DicomModalities
         "DeleteSourceAfterSuccess": false,
-        "Project": "research"                        // pseudonym map shared by rules (default: the rule's name)
+        "Project": "research",                       // pseudonym map shared by rules (default: the rule's name)
+        "PseudonymKeyFile": "research.key"           // optional: pseudonyms derived from this secret (HMAC)
     }]
+
+A rule without ``Forward`` stores its result back into the archive (as Orthanc's anonymize does), shown as the
+destination ``@archive``; what a rule stores there is never routed again (no loop).
 """
 
 from __future__ import annotations
@@ -46,7 +50,10 @@ from node.dicom.request import Modification, parse_anonymize, parse_modify
 from node.dicom.tags import ANY_ITEM, DicomPath
 
 TRIGGERS = ("Instance", "StableSeries", "StableStudy")
-ROUTE_KEYS = {"Name", "Trigger", "Filter", "Anonymize", "Modify", "Forward", "DeleteSourceAfterSuccess", "Project"}
+ROUTE_KEYS = {"Name", "Trigger", "Filter", "Anonymize", "Modify", "Forward", "DeleteSourceAfterSuccess", "Project",
+              "PseudonymKeyFile"}  # fmt: skip
+#: The destination of a rule that has no ``Forward``: its result is stored in our own archive.
+ARCHIVE = "@archive"
 FILTER_KEYS = {"CallingAet", "CalledAet", "RemoteHost", "Tags", "AnyOf", "Not"}
 CONDITION_KEYS = {"Regex", "Range", "Present", "Equals", "OneOf"}
 
@@ -131,9 +138,18 @@ class Route:
     delete_source: bool
     project: str
     bodies: dict[str, Any] = field(default_factory=dict)  # the JSON bodies as written (for logs and replay)
+    key_file: str | None = None  # PseudonymKeyFile as written (resolved against the config file's folder)
 
     def matches(self, ds: Dataset | None, origin: Origin) -> bool:
         return self.filter.matches(ds, origin)
+
+    @property
+    def destinations(self) -> tuple[str, ...]:
+        return self.forward or (ARCHIVE,)
+
+    @property
+    def transforms(self) -> bool:
+        return self.anonymize is not None or self.modify is not None
 
 
 def _wildcard(pattern: str, value: str) -> bool:
@@ -278,19 +294,27 @@ def parse_routes(raw: Any, modality_names: Iterable[str]) -> tuple[Route, ...]:
         delete = rule.get("DeleteSourceAfterSuccess", False)
         if not isinstance(delete, bool):
             raise RouteError(f"{where}.DeleteSourceAfterSuccess must be true or false")
-        if delete and not forward:
-            raise RouteError(f"{where}: DeleteSourceAfterSuccess needs a Forward (success of what?)")
+        if delete and not forward and anonymize is None and modify is None:
+            raise RouteError(f"{where}: DeleteSourceAfterSuccess needs a Forward, Anonymize or Modify")
         if not forward and anonymize is None and modify is None:
             raise RouteError(f"{where}: the rule does nothing (no Anonymize, Modify or Forward)")
         project = rule.get("Project", name)
         if not isinstance(project, str) or not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", project):
             raise RouteError(f"{where}: Project must be 1-64 letters, digits, '_', '-' or '.', got {project!r}")
+        key_file = rule.get("PseudonymKeyFile")
+        if key_file is not None and (not isinstance(key_file, str) or not key_file.strip()):
+            raise RouteError(f"{where}: PseudonymKeyFile must be the path of a file holding the secret")
         routes.append(Route(name=name, trigger=trigger, filter=parse_filter(rule.get("Filter"), f"{where}.Filter"),
                             anonymize=anonymize, modify=modify, forward=forward, delete_source=delete,
-                            project=project, bodies=bodies))  # fmt: skip
+                            project=project, bodies=bodies, key_file=key_file))  # fmt: skip
     return tuple(routes)
 
 
 def matching(routes: Iterable[Route], trigger: str, ds: Dataset | None, origin: Origin) -> list[Route]:
     """The rules of ``trigger`` whose filter accepts the instance (several may match; each acts)."""
     return [r for r in routes if r.trigger == trigger and r.matches(ds, origin)]
+
+
+def deliveries(routes: Iterable[Route], trigger: str, ds: Dataset | None, origin: Origin) -> list[tuple[str, str]]:
+    """The (rule, destination) pairs to queue for one instance."""
+    return [(r.name, d) for r in matching(routes, trigger, ds, origin) for d in r.destinations]

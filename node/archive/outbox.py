@@ -1,0 +1,286 @@
+"""The routing outbox: one row per (instance, rule, destination), and every state change a row goes through.
+
+The archive owns this table because rows are written in the transaction that stores an instance
+(:func:`enqueue`, called by :func:`node.archive.store.store`); :mod:`node.routing` decides what goes in and
+works the rows off. States::
+
+    pending ──claim──▶ claimed ──▶ done
+       ▲                  │
+       └── failed, attempts left (next_attempt = now + backoff)
+                          └──▶ dead (after the last attempt; kept until ``retry`` or ``discard``)
+
+A claim is a lease: a row whose worker died is pending again once ``lease_until`` has passed, so delivery is
+at-least-once. Claims are made with an ``UPDATE … WHERE state = 'pending'`` guarded by a fresh token, which
+is safe with several worker processes and several nodes on one PostgreSQL index.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import random
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from peewee import Database, fn
+
+from node.archive.db import write_transaction
+from node.archive.models import Outbox, utcnow
+
+PENDING, CLAIMED, DONE, DEAD = "pending", "claimed", "done", "dead"
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """A claimed row: what a worker needs to carry it out."""
+
+    id: int
+    instance: str
+    study: str
+    rule: str
+    destination: str
+    attempts: int  # attempts made before this one
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """``RoutingMaxAttempts`` and the exponential backoff between attempts (seconds)."""
+
+    max_attempts: int = 10
+    base_delay: float = 2.0
+    max_delay: float = 300.0
+
+    def delay(self, attempts: int) -> float:
+        """Seconds to wait after the ``attempts``-th failure: doubling, capped, with "equal jitter" (half fixed,
+        half random) so that the rows of one outage do not all come back in the same second."""
+        full = min(self.max_delay, self.base_delay * 2 ** max(0, attempts - 1))
+        return full / 2 + random.uniform(0, full / 2)
+
+
+def _sql(db: Database, template: str) -> str:
+    return template.replace("?", db.param)
+
+
+def enqueue(db: Database, instance: str, study: str, deliveries: Iterable[tuple[str, str]], now: dt.datetime) -> int:
+    """Queue ``(rule, destination)`` deliveries of one instance; call inside the caller's write transaction.
+
+    A row that exists already (the instance was overwritten, a stable study grew, a replay) starts afresh:
+    pending, no attempts, due now.
+    """
+    sql = _sql(
+        db,
+        """INSERT INTO "outbox" (instance, study, rule, destination, state, attempts, next_attempt,
+        claimed_by, claim, last_error, created_at, updated_at) VALUES (?, ?, ?, ?, 'pending', 0, ?, '', '', '', ?, ?)
+        ON CONFLICT (instance, rule, destination) DO UPDATE SET state = 'pending', attempts = 0,
+        next_attempt = excluded.next_attempt, lease_until = NULL, claimed_by = '', claim = '', last_error = '',
+        last_status = NULL, created_at = excluded.created_at, updated_at = excluded.updated_at""",
+    )
+    n = 0
+    for rule, destination in deliveries:
+        db.execute_sql(sql, (instance, study, rule, destination, now, now, now))
+        n += 1
+    return n
+
+
+def reclaim_expired(db: Database, now: dt.datetime | None = None) -> int:
+    """Rows whose lease ran out (their worker died or hung) become pending again."""
+    now = now or utcnow()
+    with write_transaction(db):
+        return (
+            Outbox.update(state=PENDING, claim="", claimed_by="", lease_until=None, updated_at=now)
+            .where((Outbox.state == CLAIMED) & (Outbox.lease_until < now))
+            .execute()
+        )
+
+
+def release_claims_of(db: Database, worker_prefix: str) -> int:
+    """Rows claimed by workers named ``worker_prefix…`` (this node's, at start; a dead process') are pending
+    again at once: nobody else can be working on them."""
+    with write_transaction(db):
+        return (
+            Outbox.update(state=PENDING, claim="", claimed_by="", lease_until=None, updated_at=utcnow())
+            .where((Outbox.state == CLAIMED) & Outbox.claimed_by.startswith(worker_prefix))
+            .execute()
+        )
+
+
+def claim(
+    db: Database,
+    worker: str,
+    *,
+    lease_s: float,
+    limit: int,
+    max_per_destination: int,
+    prefer: str | None = None,
+    now: dt.datetime | None = None,
+) -> list[Delivery]:
+    """Claim up to ``limit`` due rows of one destination, oldest first.
+
+    The destination is ``prefer`` (the one this worker holds an open association to) when it has due rows,
+    else the one with the oldest due row, skipping destinations that already have ``max_per_destination``
+    live claims (that is the number of parallel associations a destination gets).
+    """
+    now = now or utcnow()
+    token = str(uuid.uuid4())
+    with write_transaction(db):
+        busy = dict(
+            Outbox.select(Outbox.destination, fn.COUNT(fn.DISTINCT(Outbox.claim)))
+            .where((Outbox.state == CLAIMED) & (Outbox.lease_until >= now))
+            .group_by(Outbox.destination)
+            .tuples()
+        )
+        due = (Outbox.state == PENDING) & (Outbox.next_attempt <= now)
+        candidates = [
+            d
+            for (d,) in Outbox.select(Outbox.destination).where(due).group_by(Outbox.destination)
+            .order_by(fn.MIN(Outbox.id)).tuples()
+            if busy.get(d, 0) < max_per_destination
+        ]  # fmt: skip
+        if not candidates:
+            return []
+        destination = prefer if prefer in candidates else candidates[0]
+        ids = [
+            i for (i,) in Outbox.select(Outbox.id).where(due & (Outbox.destination == destination))
+            .order_by(Outbox.id).limit(limit).tuples()
+        ]  # fmt: skip
+        lease = now + dt.timedelta(seconds=lease_s)
+        Outbox.update(state=CLAIMED, claim=token, claimed_by=worker, lease_until=lease, updated_at=now).where(
+            Outbox.id.in_(ids) & (Outbox.state == PENDING)
+        ).execute()
+        rows = Outbox.select().where(Outbox.claim == token).order_by(Outbox.id)
+        return [Delivery(r.id, r.instance, r.study, r.rule, r.destination, r.attempts) for r in rows]
+
+
+def renew(db: Database, ids: Sequence[int], lease_s: float) -> None:
+    """Extend the lease of rows still being worked on (a long batch, a slow destination)."""
+    if not ids:
+        return
+    with write_transaction(db):
+        Outbox.update(lease_until=utcnow() + dt.timedelta(seconds=lease_s)).where(
+            Outbox.id.in_(list(ids)) & (Outbox.state == CLAIMED)
+        ).execute()
+
+
+def mark_done(db: Database, ids: Sequence[int], status: int | None = 0, note: str = "") -> None:
+    if not ids:
+        return
+    now = utcnow()
+    with write_transaction(db):
+        Outbox.update(state=DONE, attempts=Outbox.attempts + 1, lease_until=None, claim="", last_status=status,
+                      last_error=note, updated_at=now).where(Outbox.id.in_(list(ids))).execute()  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class FailureOutcome:
+    delivery: Delivery
+    attempts: int
+    dead: bool
+    next_attempt: dt.datetime | None
+
+
+def mark_failed(
+    db: Database, deliveries: Sequence[Delivery], error: str, status: int | None, policy: RetryPolicy
+) -> list[FailureOutcome]:
+    """Count one failed attempt per row: pending again after its backoff, or dead after the last attempt."""
+    now = utcnow()
+    outcomes = []
+    with write_transaction(db):
+        for d in deliveries:
+            attempts = d.attempts + 1
+            dead = attempts >= policy.max_attempts
+            nxt = None if dead else now + dt.timedelta(seconds=policy.delay(attempts))
+            Outbox.update(state=DEAD if dead else PENDING, attempts=attempts, next_attempt=nxt or now,
+                          lease_until=None, claim="", claimed_by="", last_status=status, last_error=error[:2000],
+                          updated_at=now).where(Outbox.id == d.id).execute()  # fmt: skip
+            outcomes.append(FailureOutcome(d, attempts, dead, nxt))
+    return outcomes
+
+
+def postpone(db: Database, destination: str, until: dt.datetime) -> int:
+    """Hold back every pending row of a destination that is down (no attempt counted for them): one refused
+    connection tells us about the whole queue, not only about the rows that were in hand."""
+    with write_transaction(db):
+        return (
+            Outbox.update(next_attempt=until)
+            .where((Outbox.state == PENDING) & (Outbox.destination == destination) & (Outbox.next_attempt < until))
+            .execute()
+        )
+
+
+def _scope(rule: str | None, destination: str | None) -> object:
+    cond = Outbox.id.is_null(False)
+    if rule is not None:
+        cond &= Outbox.rule == rule
+    if destination is not None:
+        cond &= Outbox.destination == destination
+    return cond
+
+
+def retry(db: Database, rule: str | None = None, destination: str | None = None) -> int:
+    """Dead rows (and pending ones waiting out a backoff) are due now, with their attempts reset."""
+    now = utcnow()
+    with write_transaction(db):
+        return (
+            Outbox.update(state=PENDING, attempts=0, next_attempt=now, updated_at=now)
+            .where(_scope(rule, destination) & ((Outbox.state == DEAD) | (Outbox.state == PENDING)))
+            .execute()
+        )
+
+
+def discard(db: Database, rule: str | None = None, destination: str | None = None) -> int:
+    """Drop dead rows (the operator gave up on them)."""
+    with write_transaction(db):
+        return Outbox.delete().where(_scope(rule, destination) & (Outbox.state == DEAD)).execute()
+
+
+def prune_done(db: Database, older_than: dt.datetime) -> int:
+    """Forget delivered rows after a while (the per-destination "done" count covers that window)."""
+    with write_transaction(db):
+        return Outbox.delete().where((Outbox.state == DONE) & (Outbox.updated_at < older_than)).execute()
+
+
+def open_for_instance(db: Database, instance: str) -> int:
+    """Rows of an instance that are not delivered yet (a source is deleted only when this reaches 0)."""
+    return Outbox.select().where((Outbox.instance == instance) & (Outbox.state != DONE)).count()
+
+
+@dataclass
+class QueueStats:
+    destination: str
+    pending: int = 0
+    in_flight: int = 0
+    done: int = 0
+    dead: int = 0
+    oldest_pending_s: float | None = None
+
+    def as_dict(self) -> dict[str, object]:
+        return {"Destination": self.destination, "Pending": self.pending, "InFlight": self.in_flight,
+                "Done": self.done, "Dead": self.dead, "OldestPendingSeconds": self.oldest_pending_s}  # fmt: skip
+
+
+def stats(db: Database, rule: str | None = None) -> list[QueueStats]:
+    """Per destination: pending, in flight, done, dead, and the age of the oldest undelivered row."""
+    now = utcnow()
+    by_dest: dict[str, QueueStats] = {}
+    query = (
+        Outbox.select(Outbox.destination, Outbox.state, fn.COUNT(Outbox.id), fn.MIN(Outbox.created_at))
+        .where(_scope(rule, None))
+        .group_by(Outbox.destination, Outbox.state)
+        .tuples()
+    )
+    for destination, state, count, oldest in query:
+        st = by_dest.setdefault(destination, QueueStats(destination))
+        if state == PENDING:
+            st.pending = count
+        elif state == CLAIMED:
+            st.in_flight = count
+        elif state == DONE:
+            st.done = count
+        elif state == DEAD:
+            st.dead = count
+        if state in (PENDING, CLAIMED) and oldest is not None:
+            if isinstance(oldest, str):
+                oldest = dt.datetime.fromisoformat(oldest)
+            age = round((now - oldest).total_seconds(), 1)
+            st.oldest_pending_s = max(st.oldest_pending_s or 0.0, age)
+    return sorted(by_dest.values(), key=lambda s: s.destination)

@@ -1,0 +1,162 @@
+"""C-STORE to a destination AE for the routing workers: one association reused across batches, contexts built
+from what is to be sent, and a fallback to an uncompressed transfer syntax when the destination refuses the
+instance's own.
+
+For each (SOP class, transfer syntax) to send we propose three presentation contexts: the instance's own
+transfer syntax (sent as the bytes are: no decoding), Explicit VR Little Endian and Implicit VR Little Endian
+(every SCP must accept the latter). An instance whose own syntax is refused is converted by the caller's
+``convert`` function (decompressed) into the accepted one instead of failing.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE, _config, evt
+from pynetdicom.association import Association
+
+from node.net.scu import MAX_CONTEXTS, Target
+
+FALLBACKS = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+WARNING_STATUSES = frozenset({0x0001, 0x0107, 0x0116})
+
+
+class AssociationFailed(ConnectionError):
+    """The destination could not be reached, or rejected or aborted the association."""
+
+
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    """An instance to send: a Part-10 file and what it is."""
+
+    path: Path
+    sop_class: str
+    transfer_syntax: str
+
+
+@dataclass(frozen=True, slots=True)
+class Sent:
+    ok: bool
+    status: int | None  # the destination's DIMSE status, None when it gave none
+    error: str = ""  # why it failed, or the warning status
+    transfer_syntax: str = ""  # what went on the wire
+    association_lost: bool = False
+
+
+#: Converts an instance into another transfer syntax; returns the path of the converted Part-10 file.
+Convert = Callable[[Outgoing, str], Path]
+
+
+def contexts_for(items: list[Outgoing]) -> set[tuple[str, str]]:
+    """The (SOP class, transfer syntax) pairs to propose for ``items`` (own syntax + the two fallbacks)."""
+    pairs: set[tuple[str, str]] = set()
+    for it in items:
+        pairs.add((it.sop_class, it.transfer_syntax))
+        pairs.update((it.sop_class, ts) for ts in FALLBACKS)
+    return pairs
+
+
+def _nodelay(event: evt.Event) -> None:
+    """Nagle's algorithm would hold each small PDU (the C-STORE command) for the previous one's ACK."""
+    sock = getattr(getattr(event.assoc.dul, "socket", None), "socket", None)
+    if sock is not None:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+@dataclass
+class Connection:
+    """An association to one destination, opened on demand and kept while what is sent fits its contexts."""
+
+    target: Target
+    calling_aet: str
+    timeout: float = 30
+    max_pdu: int = 0
+    assoc: Association | None = None
+    proposed: set[tuple[str, str]] = field(default_factory=set)
+    accepted: dict[tuple[str, str], bool] = field(default_factory=dict)
+    message_id: int = 0
+
+    @property
+    def is_open(self) -> bool:
+        return self.assoc is not None and self.assoc.is_established
+
+    def ensure(self, items: list[Outgoing]) -> None:
+        """Have an open association whose proposal covers ``items`` (reuse the current one when it does)."""
+        needed = contexts_for(items)
+        if self.is_open and needed <= self.proposed:
+            return
+        self.close()
+        if len(needed) > MAX_CONTEXTS:
+            raise ValueError(f"{len(needed)} presentation contexts needed; at most {MAX_CONTEXTS} per association")
+        ae = AE(ae_title=self.calling_aet)
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.timeout
+        ae.connection_timeout = self.timeout
+        ae.maximum_pdu_size = self.max_pdu
+        for sop_class, ts in sorted(needed):
+            ae.add_requested_context(sop_class, ts)
+        assoc = ae.associate(self.target.host, self.target.port, ae_title=self.target.aet,
+                             evt_handlers=[(evt.EVT_CONN_OPEN, _nodelay)])  # fmt: skip
+        if not assoc.is_established:
+            if assoc.is_rejected:
+                raise AssociationFailed(f"association rejected by {self.target}")
+            if assoc.is_aborted:
+                raise AssociationFailed(f"association aborted by {self.target}")
+            raise AssociationFailed(f"no connection to {self.target}")
+        self.assoc = assoc
+        self.proposed = needed
+        self.accepted = {(cx.abstract_syntax, cx.transfer_syntax[0]): True for cx in assoc.accepted_contexts}
+        self.message_id = 0
+
+    def send(self, item: Outgoing, convert: Convert) -> Sent:
+        """C-STORE one instance (after :meth:`ensure` covered it)."""
+        assoc = self.assoc
+        if assoc is None or not assoc.is_established:
+            return Sent(False, None, "association lost", association_lost=True)
+        syntax = item.transfer_syntax
+        path = item.path
+        if (item.sop_class, syntax) not in self.accepted:
+            fallback = next((ts for ts in FALLBACKS if (item.sop_class, ts) in self.accepted), None)
+            if fallback is None:
+                offered = ", ".join(sorted({syntax, *FALLBACKS}))
+                return Sent(False, None, f"{self.target} accepts SOP class {item.sop_class} in none of {offered}")
+            try:
+                path = convert(item, fallback)
+            except Exception as exc:  # noqa: BLE001 - reported on the row: the destination needs another syntax
+                return Sent(False, None, f"{self.target} refused {syntax}; converting to {fallback} failed: {exc}")
+            syntax = fallback
+        self.message_id = self.message_id % 65535 + 1
+        try:
+            status = assoc.send_c_store(path, msg_id=self.message_id)
+        except (ValueError, AttributeError, OSError) as exc:
+            return Sent(False, None, f"{type(exc).__name__}: {exc}", syntax)
+        code = getattr(status, "Status", None)
+        if code is None:
+            lost = not assoc.is_established
+            return Sent(False, None, "no response (association aborted or timed out)", syntax, association_lost=lost)
+        if code == 0:
+            return Sent(True, 0, "", syntax)
+        if code in WARNING_STATUSES or 0xB000 <= code <= 0xBFFF:
+            return Sent(True, code, f"warning 0x{code:04X}", syntax)
+        comment = str(getattr(status, "ErrorComment", "") or "").strip()
+        return Sent(False, code, f"status 0x{code:04X} {comment}".strip(), syntax)
+
+    def close(self) -> None:
+        if self.assoc is not None:
+            if self.assoc.is_established:
+                self.assoc.release()
+            self.assoc = None
+        self.proposed = set()
+        self.accepted = {}
+
+
+def quiet_pynetdicom() -> None:
+    """Workers log their own events; pynetdicom's per-PDU logging only costs time (and it logs a refused
+    connection as an ERROR with a traceback-like dump every retry)."""
+    _config.LOG_HANDLER_LEVEL = "none"
+    _config.STORE_SEND_CHUNKED_DATASET = True
+    logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)
