@@ -26,6 +26,8 @@ NAME_SPACE = "PATIENT-NAME"
 NAME_COUNTER = "AnonymizationSequence"
 #: Pairs recorded at the latest after this many new ones (a worker also flushes after each batch).
 FLUSH_EVERY = 512
+#: Values remembered in the process (derived ones can always be derived again).
+MEMO_SIZE = 200_000
 
 
 def project_key(db: Database, project: str) -> bytes:
@@ -50,6 +52,11 @@ class DatabaseUidMap:
         self._memo: dict[tuple[str, str], str] = {}
         self._pending: list[tuple[str, str, str]] = []
         self._derive = KeyedUidMap(project_key(db, project))
+        self._forced: set[tuple[str, str]] = set()
+        #: Only values forced by ``register`` differ from the derived ones: without any, the table need not be
+        #: read for each new original (a query per UID was a third of the anonymization time).
+        with db.connection_context():
+            self._check_table = Property.get_or_none(Property.key == f"PseudonymForced:{project}") is not None
 
     def _read(self, space: str, original: str) -> str | None:
         row = (
@@ -68,14 +75,17 @@ class DatabaseUidMap:
             new = self._memo.get((space, stripped))
         if new is not None:
             return new
-        with self.db.connection_context():
-            new = self._read(space, stripped)
+        if self._check_table:
+            with self.db.connection_context():
+                new = self._read(space, stripped)
         flush = False
         with self._lock:
             if new is None:
                 new = self._derive.map(level, stripped)
                 self._pending.append((space, stripped, new))
                 flush = len(self._pending) >= FLUSH_EVERY
+            if len(self._memo) > MEMO_SIZE:
+                self._memo = {k: v for k, v in self._memo.items() if k in self._forced}
             self._memo[(space, stripped)] = new
         if flush:
             self.flush()
@@ -102,6 +112,7 @@ class DatabaseUidMap:
             if self._memo.get((space, stripped)) == new:
                 return  # every instance of the rule registers the same value: write it once
         with self.db.connection_context(), write_transaction(self.db):
+            Property.insert(key=f"PseudonymForced:{self.project}", value="1").on_conflict_ignore().execute()
             Pseudonym.insert(project=self.project, namespace=space, original=stripped, new=new,
                              created_at=utcnow()).on_conflict(
                 conflict_target=[Pseudonym.project, Pseudonym.namespace, Pseudonym.original],
@@ -109,6 +120,8 @@ class DatabaseUidMap:
             ).execute()  # fmt: skip
         with self._lock:
             self._memo[(space, stripped)] = new
+            self._forced.add((space, stripped))
+        self._check_table = True
 
     def patient_name_number(self, original_patient_id: str) -> int:
         """The N of ``Anonymized<N>`` for a patient: drawn once from the index-wide counter (Orthanc's

@@ -105,7 +105,7 @@ class Connection:
             if assoc.is_rejected:
                 raise AssociationFailed(f"association rejected by {self.target}")
             if assoc.is_aborted:
-                raise AssociationFailed(f"association aborted by {self.target}")
+                raise AssociationFailed(f"no connection to {self.target}, or it aborted the association")
             raise AssociationFailed(f"no connection to {self.target}")
         self.assoc = assoc
         self.proposed = needed

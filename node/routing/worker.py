@@ -104,61 +104,79 @@ class Worker:
         return True
 
     # -- forwarding ---------------------------------------------------------------------------------------
+    def _prepare(
+        self, work: list[tuple[outbox.Delivery, Instance, Route]]
+    ) -> list[tuple[outbox.Delivery, Instance, Outgoing, Result | None]]:
+        """Transform the whole batch before connecting: the CPU work of one worker then overlaps the sending of
+        another (a destination that takes one association at a time keeps the others waiting, not idle)."""
+        ready = []
+        for d, row, route in work:
+            source = self.archive.storage.locate(row.file_uuid)
+            try:
+                if route.transforms:
+                    result = self.transformer.run(route, source)
+                    ready.append((d, row, Outgoing(result.path, result.sop_class, result.transfer_syntax), result))
+                else:
+                    ready.append((d, row, Outgoing(source, row.sop_class_uid, row.transfer_syntax), None))
+            except PERMANENT as exc:
+                self._failed([d], f"{route.name}: {exc}", None, final=True)
+            except Exception as exc:  # noqa: BLE001 - a file we cannot read now may be readable later
+                self._failed([d], f"{route.name}: {type(exc).__name__}: {exc}", None)
+        return ready
+
     def _forward(self, destination: str, work: list[tuple[outbox.Delivery, Instance, Route]]) -> None:
-        conn = self._connection(destination)
-        expected = [Outgoing(Path(), row.sop_class_uid, _output_syntax(row, route)) for _, row, route in work]
+        ready = self._prepare(work)
         try:
-            conn.ensure(expected)
+            if ready:
+                self._send(destination, ready)
+        finally:
+            for *_, result in ready:
+                if result is not None:
+                    discard(result.path)
+
+    def _send(self, destination: str, ready: list[tuple[outbox.Delivery, Instance, Outgoing, Result | None]]) -> None:
+        """One association for the batch; done rows are recorded together (one commit, not one per instance)."""
+        conn = self._connection(destination)
+        try:
+            conn.ensure([item for _, _, item, _ in ready])
         except (AssociationFailed, OSError, ValueError) as exc:
             conn.close()
-            outcomes = self._failed([d for d, _, _ in work], str(exc), None)
+            outcomes = self._failed([d for d, *_ in ready], str(exc), None)
             later = min((o.next_attempt for o in outcomes if o.next_attempt), default=None)
             if later is not None:
                 outbox.postpone(self.db, destination, later)  # the rest of its queue waits too
             return
-        done: list[tuple[outbox.Delivery, Instance, Route, Result | None, str]] = []
+        done: list[outbox.Delivery] = []
+        notes: dict[tuple[int | None, str], list[int]] = {}
         lease_s = self.cfg["RoutingLeaseTimeout"]
         renewed = time.monotonic()
-        for i, (d, row, route) in enumerate(work):
-            if time.monotonic() - renewed > lease_s / 3:
-                outbox.renew(self.db, [w[0].id for w in work[i:]], lease_s)
-                renewed = time.monotonic()
-            t0 = time.perf_counter()
-            source = self.archive.storage.locate(row.file_uuid)
-            result: Result | None = None
-            try:
-                if route.transforms:
-                    result = self.transformer.run(route, source)
-                    item = Outgoing(result.path, result.sop_class, result.transfer_syntax)
-                else:
-                    item = Outgoing(source, row.sop_class_uid, row.transfer_syntax)
-            except PERMANENT as exc:
-                self._failed([d], f"{route.name}: {exc}", None, final=True)
-                continue
-            except Exception as exc:  # noqa: BLE001 - a file we cannot read now may be readable later
-                self._failed([d], f"{route.name}: {type(exc).__name__}: {exc}", None)
-                continue
-            try:
+        try:
+            for i, (d, row, item, result) in enumerate(ready):
+                if time.monotonic() - renewed > lease_s / 3:
+                    outbox.renew(self.db, [r[0].id for r in ready[i:]], lease_s)
+                    renewed = time.monotonic()
+                t0 = time.perf_counter()
                 sent = conn.send(item, self._converter())
-            finally:
-                if result is not None:
-                    discard(result.path)
-            if sent.ok:
-                outbox.mark_done(self.db, [d.id], sent.status, sent.error)
-                log.info("sent", rule=d.rule, destination=destination, instance=d.instance, study=d.study,
-                         sop_instance_uid=result.sop_uid if result else row.sop_uid, attempt=d.attempts + 1,
-                         status=f"0x{sent.status or 0:04X}", transfer_syntax=sent.transfer_syntax,
-                         ms=round((time.perf_counter() - t0) * 1000, 1))  # fmt: skip
-                done.append((d, row, route, result, sent.error))
-            else:
+                if sent.ok:
+                    done.append(d)
+                    notes.setdefault((sent.status, sent.error), []).append(d.id)
+                    log.info("sent", rule=d.rule, destination=destination, instance=d.instance, study=d.study,
+                             sop_instance_uid=result.sop_uid if result else row.sop_uid, attempt=d.attempts + 1,
+                             status=f"0x{sent.status or 0:04X}", transfer_syntax=sent.transfer_syntax,
+                             ms=round((time.perf_counter() - t0) * 1000, 1))  # fmt: skip
+                    continue
                 self._failed([d], sent.error, sent.status)
                 if sent.association_lost:
-                    conn.close()
-                    rest = [w[0] for w in work[i + 1 :]]
+                    rest = [r[0] for r in ready[i + 1 :]]
                     if rest:
                         self._failed(rest, f"association with {conn.target} lost", None)
                     break
-        self._delete_sources([(d, route) for d, _, route, _, _ in done])
+        finally:
+            conn.close()  # released after each batch: another worker may be waiting for this destination
+            for (status, note), ids in notes.items():
+                outbox.mark_done(self.db, ids, status, note)
+        routes = self.routes
+        self._delete_sources([(d, routes[d.rule]) for d in done])
 
     def _connection(self, destination: str) -> Connection:
         conn = self.connections.get(destination)
