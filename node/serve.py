@@ -243,7 +243,8 @@ def _supervise(cfg: Config, archive: Archive, n: int, stop: StopFlag) -> int:
                 log.error("recovery of a dead receiver's files failed; retrying", slot=slot, error=str(exc))
                 continue
             pending.remove(item)
-            log.error("receiver process died; restarting", pid=dead_pid, status=status, slot=slot,
+            what = "routing worker" if slot.startswith("w") else "receiver process"
+            log.error(f"{what} died; restarting", pid=dead_pid, status=status, slot=slot,
                       recovered=finished, dropped_partial=dropped)  # fmt: skip
             spawn(slot)
         stop.wait(0.2)
