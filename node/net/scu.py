@@ -11,12 +11,14 @@ import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, _config
+from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from node.dicom.fileio import MEDIA_STORAGE_DIRECTORY
@@ -73,6 +75,25 @@ def echo(target: Target, calling_aet: str = "DICOMNODE", timeout: float = 10) ->
     if code is None:
         return False, "no response"
     return code == 0, f"status 0x{code:04X}"
+
+
+def no_reactor_reads(assoc: Association) -> None:
+    """Keep pynetdicom's association reactor away from this requestor's DIMSE responses.
+
+    The reactor thread polls the message queue for incoming requests. ``send_c_store`` "pauses" it through a
+    flag the reactor sets *before* waiting, so right after one C-STORE the next may find the flag still set
+    while the reactor is already resuming: the reactor then takes the next C-STORE-RSP off the queue and drops
+    it, and the sender waits a whole DIMSE timeout for a response it was sent (seen here about once in a few
+    hundred C-STOREs to DCMTK storescp: a 30 s stall and a duplicate after the retry). An SCU that only sends
+    C-STOREs serves no incoming request, so the reactor's non-blocking reads get nothing.
+    """
+    dimse = assoc.dimse
+    blocking_get = dimse.get_msg
+
+    def get_msg(block: bool = False) -> Any:
+        return blocking_get(block=True) if block else (None, None)
+
+    dimse.get_msg = get_msg  # type: ignore[method-assign]
 
 
 class NotAnInstance(InvalidDicomError):
@@ -175,6 +196,7 @@ def store_files(
             for f in batch:
                 done(f, False, why)
             continue
+        no_reactor_reads(assoc)
         try:
             for f in batch:
                 if not assoc.is_established:
