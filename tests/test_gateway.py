@@ -247,8 +247,9 @@ def test_refusals_end_dead_with_their_status_and_queue_retry_sends_them(node_fac
         stub.status = 0x0000
         r = cli(node, "queue", "retry", "--destination", "dest")
         assert r.stdout.startswith("5 rows due again")
-        wait_for(lambda: len(stub.received) == 5, 30, "the retried rows", node)
-        assert {s for (s,) in node.query("SELECT state FROM outbox")} == {"done"}
+        wait_for(lambda: {s for (s,) in node.query("SELECT state FROM outbox")} == {"done"}, 30, "the retried rows",
+                 node)  # fmt: skip
+        assert len(stub.received) == 5
         assert len({ds.StudyInstanceUID for ds, _ in stub.received}) == 1
     finally:
         stub.stop()
