@@ -220,3 +220,12 @@ def test_deleting_an_instance_removes_empty_parents_and_the_file(archive: Archiv
     assert not delete_instance(archive, b)
     assert not [p for p in archive.storage.root.glob("??/*")]
     assert Change.select().where(Change.change_type == "Deleted").count() == 5  # 2 instances, series, study, patient
+
+
+def test_a_partial_batch_waits_a_moment_a_full_one_does_not(archive: Archive) -> None:
+    queue(archive, 3)
+    assert not outbox.worth_claiming(archive.db, batch=4, linger_s=60)
+    assert outbox.worth_claiming(archive.db, batch=3, linger_s=60)
+    assert outbox.worth_claiming(archive.db, batch=4, linger_s=60, now=utcnow() + dt.timedelta(seconds=61))
+    claim(archive)
+    assert not outbox.worth_claiming(archive.db, batch=1, linger_s=0)  # nothing pending

@@ -39,6 +39,8 @@ log = logs.get("dicom-node.routing")
 
 #: An idle worker looks for work this often (rows queued by a receiver are picked up within this delay).
 POLL_S = 0.05
+#: A partial batch is claimed once its oldest row has waited this long (a full one at once).
+LINGER_S = 0.3
 #: An association with nothing to send is released after this long.
 IDLE_RELEASE_S = 5.0
 SCHEDULER_EVERY_S = 1.0
@@ -72,6 +74,9 @@ class Worker:
     def step(self) -> bool:
         """Claim and carry out one batch; False when there was nothing to do."""
         prefer = max(self.last_used, key=self.last_used.__getitem__) if self.last_used else None
+        if not outbox.worth_claiming(self.db, self.cfg["RoutingBatchSize"], LINGER_S):
+            self._release_idle()
+            return False
         batch = outbox.claim(
             self.db, self.name, lease_s=self.cfg["RoutingLeaseTimeout"], limit=self.cfg["RoutingBatchSize"],
             max_per_destination=self.cfg["RoutingAssociationsPerDestination"], prefer=prefer,
