@@ -98,7 +98,10 @@ def _run_receiver(cfg: Config, stop: StopFlag, slot: str, reuse_port: bool) -> N
         while not stop.wait(1.0):
             pass
     finally:
-        server.shutdown()
+        # pynetdicom's shutdown() also drops the server from the AE's list, where only start_server (not the
+        # make_server we use) puts it: the ValueError it raises made every receiver "crash" on SIGTERM.
+        with contextlib.suppress(ValueError):
+            server.shutdown()
         server.server_close()
         archive.close()
 

@@ -111,3 +111,20 @@ def test_an_older_index_is_migrated(tmp_path: Path, version: int) -> None:
     db.close()
     db = open_index(url(tmp_path))  # and opens again as it is
     db.close()
+
+
+def _name_numbers(args: tuple[str, list[str]]) -> list[int]:
+    db_url, patients = args
+    uid_map = DatabaseUidMap(open_index(db_url), "p")
+    return [uid_map.patient_name_number(p) for p in patients]
+
+
+def test_anonymized_n_is_drawn_once_per_patient_even_by_racing_processes(tmp_path: Path) -> None:
+    """The N of Anonymized<N> comes from the index-wide counter, once per patient and project."""
+    open_index(url(tmp_path)).close()
+    patients = [f"P{i}" for i in range(20)]
+    with multiprocessing.get_context("fork").Pool(3) as pool:
+        results = pool.map(_name_numbers, [(url(tmp_path), patients), (url(tmp_path), patients[::-1]),
+                                           (url(tmp_path), patients)])  # fmt: skip
+    assert results[0] == results[1][::-1] == results[2]
+    assert sorted(results[0]) == list(range(1, 21))  # no number wasted

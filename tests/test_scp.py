@@ -334,3 +334,14 @@ def test_a_second_node_on_the_same_storage_is_refused(node_factory) -> None:
     r = run([sys.executable, "-m", "node", "serve", "--config", str(first.write_config()),
              "--dicom-port", str(free_port())], timeout=60, cwd=first.workdir)  # fmt: skip
     assert r.returncode == 2 and "in use by another running dicom-node" in r.stderr, r.stderr
+
+
+def test_a_clean_stop_is_not_reported_as_crashes(node_factory) -> None:
+    """SIGTERM stops receivers and routing workers quietly (pynetdicom's shutdown used to raise in each)."""
+    node = node_factory(DicomReceiverProcesses=2).start()
+    r = run([dcmtk("echoscu"), "-aec", node.aet, "127.0.0.1", str(node.port)])
+    assert r.returncode == 0
+    node.stop()
+    assert node.proc is not None and node.proc.returncode == 0
+    assert "crashed" not in node.log() and "died" not in node.log()
+    assert "dicom-node stopped" in node.log()

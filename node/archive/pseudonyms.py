@@ -135,13 +135,16 @@ class DatabaseUidMap:
             found = self._read(NAME_SPACE, stripped)
             if found is None:
                 with write_transaction(self.db):
-                    row = Property.get_or_none(Property.key == NAME_COUNTER)
-                    number = int(row.value) + 1 if row is not None else 1
-                    Property.insert(key=NAME_COUNTER, value=str(number)).on_conflict(
-                        conflict_target=[Property.key], update={Property.value: str(number)}
-                    ).execute()
-                    Pseudonym.insert(project=self.project, namespace=NAME_SPACE, original=stripped,
-                                     new=str(number), created_at=utcnow()).on_conflict_ignore().execute()  # fmt: skip
+                    # Read again under the write lock: another process may have been first (no number wasted).
+                    if self._read(NAME_SPACE, stripped) is None:
+                        row = Property.get_or_none(Property.key == NAME_COUNTER)
+                        number = int(row.value) + 1 if row is not None else 1
+                        Property.insert(key=NAME_COUNTER, value=str(number)).on_conflict(
+                            conflict_target=[Property.key], update={Property.value: str(number)}
+                        ).execute()
+                        values = {"project": self.project, "namespace": NAME_SPACE, "original": stripped,
+                               "new": str(number), "created_at": utcnow()}  # fmt: skip
+                        Pseudonym.insert(**values).on_conflict_ignore().execute()
                 found = self._read(NAME_SPACE, stripped)
         assert found is not None
         with self._lock:
