@@ -217,6 +217,8 @@ def _parse_modalities(raw: dict[str, Any], where: str) -> tuple[Modality, ...]:
     mods = []
     for name, spec in raw.items():
         ctx = f"{where}: DicomModalities[{name!r}]"
+        if not 0 < len(name) <= 64:
+            raise ConfigError(f"{ctx}: the name must be 1 to 64 characters (it names a routing destination)")
         if isinstance(spec, list):
             if len(spec) < 3 or not all(isinstance(x, (str, int)) for x in spec[:3]):
                 raise ConfigError(f"{ctx} must be [AET, host, port] or an object")

@@ -361,6 +361,7 @@ def test_a_destination_that_refuses_the_compressed_syntax_gets_it_decompressed(n
             ds.file_meta.TransferSyntaxUID = syntax
             assert np.array_equal(ds.pixel_array, originals[ds.SOPInstanceUID].pixel_array)  # lossless
         assert {e["transfer_syntax"] for e in node.events("sent")} == {ExplicitVRLittleEndian}
+        wait_for(lambda: not list((node.storage / ".tmp").glob("w*/*")), 10, "no decompressed copy left", node)
     finally:
         stub.stop()
 
@@ -417,3 +418,25 @@ def test_the_gateway_example_configuration_is_valid() -> None:
     cfg = config.build(Path(__file__).resolve().parents[1] / "conf" / "gateway.example.json")
     [route] = cfg.routes
     assert route.forward == ("dest",) and route.anonymize is not None and route.trigger == "Instance"
+
+
+def test_a_source_is_deleted_only_after_every_rule_has_had_it(node_factory, tmp_path) -> None:
+    """An instance rule that deletes its source must not take the instance away from a stable-study rule that
+    has not fired yet; once both delivered, the source goes."""
+    stubs = [StubSCP().start(), StubSCP().start()]
+    try:
+        routes = [{"Name": "now", "Forward": ["a"], "DeleteSourceAfterSuccess": True},
+                  {"Name": "later", "Trigger": "StableStudy", "Forward": ["b"]}]  # fmt: skip
+        node = node_factory(DicomModalities={"a": ["STUB", "127.0.0.1", stubs[0].port],
+                                             "b": ["STUB", "127.0.0.1", stubs[1].port]},
+                            Routes=routes, StableAge=2).start()  # fmt: skip
+        files = [make_instance(tmp_path / f"{i}.dcm", study_uid="1.2.3.66") for i in range(2)]
+        storescu(node, files)
+        wait_for(lambda: len(stubs[0].received) == 2, 30, "the instance rule's deliveries", node)
+        time.sleep(0.5)
+        assert node.query("SELECT COUNT(*) FROM instance")[0][0] == 2  # kept for the stable rule
+        wait_for(lambda: len(stubs[1].received) == 2, 30, "the stable rule's deliveries", node)
+        wait_for(lambda: node.query("SELECT COUNT(*) FROM instance")[0][0] == 0, 30, "the sources deleted", node)
+    finally:
+        for s in stubs:
+            s.stop()

@@ -118,7 +118,7 @@ def test_a_down_destination_holds_back_its_whole_queue_without_counting_attempts
 def test_queueing_again_restarts_a_delivered_row_and_stats_count_per_destination(archive: Archive) -> None:
     queue(archive, 3)
     rows = claim(archive)
-    outbox.mark_done(archive.db, [rows[0].id])
+    assert outbox.mark_done(archive.db, [rows[0]]) == [rows[0].id]
     outbox.mark_failed(archive.db, [rows[1]], "refused", 0xC000, outbox.RetryPolicy(1))
     [st] = outbox.stats(archive.db)
     assert (st.destination, st.pending, st.in_flight, st.done, st.dead) == ("dest", 0, 1, 1, 1)
@@ -181,18 +181,18 @@ def test_a_quiet_study_fires_once_for_its_instances_and_again_only_for_new_ones(
 def test_a_study_that_changes_while_it_is_evaluated_is_not_declared_stable(archive: Archive, tmp_path: Path) -> None:
     put(archive, make_instance(tmp_path / "a.dcm", study_uid="1.2.5"))
     age(archive, 61)
-    real = stable._newest
+    real = stable.route_instance
 
     def and_a_new_instance(*args: object) -> object:
         Series.update(last_update=utcnow()).execute()  # what a receiver does meanwhile
         Study.update(last_update=utcnow()).execute()
         return real(*args)  # type: ignore[arg-type]
 
-    stable._newest = and_a_new_instance  # type: ignore[assignment]
+    stable.route_instance = and_a_new_instance  # type: ignore[assignment]
     try:
         assert stable.fire(archive, ROUTES, stable_age=60) == []
     finally:
-        stable._newest = real  # type: ignore[assignment]
+        stable.route_instance = real  # type: ignore[assignment]
     assert Outbox.select().count() == 0
 
 
@@ -229,3 +229,17 @@ def test_a_partial_batch_waits_a_moment_a_full_one_does_not(archive: Archive) ->
     assert outbox.worth_claiming(archive.db, batch=4, linger_s=60, now=utcnow() + dt.timedelta(seconds=61))
     claim(archive)
     assert not outbox.worth_claiming(archive.db, batch=1, linger_s=0)  # nothing pending
+
+
+def test_a_row_queued_again_while_in_flight_is_not_closed_by_the_old_claim(archive: Archive) -> None:
+    """An overwritten instance (or a replay) resets its row while a worker sends the old copy: the old claim's
+    outcome must not mark the new copy delivered, nor count an attempt against it."""
+    queue(archive, 2)
+    a, b = claim(archive)
+    queue(archive, 2)  # both queued again meanwhile
+    assert outbox.mark_done(archive.db, [a]) == []
+    assert outbox.mark_failed(archive.db, [b], "x", None, outbox.RetryPolicy(1)) == []
+    assert {(r.state, r.attempts) for r in Outbox.select()} == {("pending", 0)}
+    assert outbox.held(archive.db, [a, b]) == []
+    c, d = claim(archive)
+    assert outbox.held(archive.db, [c, d]) == [c, d]

@@ -40,6 +40,7 @@ class Delivery:
     rule: str
     destination: str
     attempts: int  # attempts made before this one
+    claim: str = ""  # the claim token: outcomes are recorded only while the row is still this claim's
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,26 +170,46 @@ def claim(
             Outbox.id.in_(ids) & (Outbox.state == PENDING)
         ).execute()
         rows = Outbox.select().where(Outbox.claim == token).order_by(Outbox.id)
-        return [Delivery(r.id, r.instance, r.study, r.rule, r.destination, r.attempts) for r in rows]
+        return [Delivery(r.id, r.instance, r.study, r.rule, r.destination, r.attempts, token) for r in rows]
 
 
-def renew(db: Database, ids: Sequence[int], lease_s: float) -> None:
+def held(db: Database, deliveries: Sequence[Delivery]) -> list[Delivery]:
+    """The deliveries of a claim that are still claimed by it (what an interrupted batch left unfinished)."""
+    if not deliveries:
+        return []
+    ids = {
+        i for (i,) in Outbox.select(Outbox.id).where(
+            Outbox.id.in_([d.id for d in deliveries]) & (Outbox.state == CLAIMED)
+            & (Outbox.claim == deliveries[0].claim)).tuples()
+    }  # fmt: skip
+    return [d for d in deliveries if d.id in ids]
+
+
+def renew(db: Database, deliveries: Sequence[Delivery], lease_s: float) -> None:
     """Extend the lease of rows still being worked on (a long batch, a slow destination)."""
-    if not ids:
+    if not deliveries:
         return
     with write_transaction(db):
         Outbox.update(lease_until=utcnow() + dt.timedelta(seconds=lease_s)).where(
-            Outbox.id.in_(list(ids)) & (Outbox.state == CLAIMED)
-        ).execute()
+            Outbox.id.in_([d.id for d in deliveries]) & (Outbox.state == CLAIMED)
+            & (Outbox.claim == deliveries[0].claim)
+        ).execute()  # fmt: skip
 
 
-def mark_done(db: Database, ids: Sequence[int], status: int | None = 0, note: str = "") -> None:
-    if not ids:
-        return
+def mark_done(db: Database, deliveries: Sequence[Delivery], status: int | None = 0, note: str = "") -> list[int]:
+    """Record deliveries; returns the IDs recorded. A row queued again meanwhile (the instance was overwritten,
+    a replay) is no longer this claim's: it stays pending, so the newer copy is sent too."""
+    if not deliveries:
+        return []
     now = utcnow()
+    ids = [d.id for d in deliveries]
     with write_transaction(db):
-        Outbox.update(state=DONE, attempts=Outbox.attempts + 1, lease_until=None, claim="", last_status=status,
-                      last_error=note, updated_at=now).where(Outbox.id.in_(list(ids))).execute()  # fmt: skip
+        still_mine = Outbox.id.in_(ids) & (Outbox.state == CLAIMED) & (Outbox.claim == deliveries[0].claim)
+        mine = [i for (i,) in Outbox.select(Outbox.id).where(still_mine).tuples()]
+        if mine:
+            Outbox.update(state=DONE, attempts=Outbox.attempts + 1, lease_until=None, claim="", last_status=status,
+                          last_error=note, updated_at=now).where(Outbox.id.in_(mine)).execute()  # fmt: skip
+    return mine
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,10 +231,23 @@ def mark_failed(
             attempts = d.attempts + 1
             dead = attempts >= policy.max_attempts
             nxt = None if dead else now + dt.timedelta(seconds=policy.delay(attempts))
-            Outbox.update(state=DEAD if dead else PENDING, attempts=attempts, next_attempt=nxt or now,
-                          lease_until=None, claim="", claimed_by="", last_status=status, last_error=error[:2000],
-                          updated_at=now).where(Outbox.id == d.id).execute()  # fmt: skip
-            outcomes.append(FailureOutcome(d, attempts, dead, nxt))
+            changed = (
+                Outbox.update(
+                    state=DEAD if dead else PENDING,
+                    attempts=attempts,
+                    next_attempt=nxt or now,
+                    lease_until=None,
+                    claim="",
+                    claimed_by="",
+                    last_status=status,
+                    last_error=error[:2000],
+                    updated_at=now,
+                )
+                .where((Outbox.id == d.id) & (Outbox.state == CLAIMED) & (Outbox.claim == d.claim))
+                .execute()
+            )
+            if changed:  # else the row was queued again or reclaimed meanwhile: not this attempt's to record
+                outcomes.append(FailureOutcome(d, attempts, dead, nxt))
     return outcomes
 
 
@@ -258,6 +292,15 @@ def prune_done(db: Database, older_than: dt.datetime) -> int:
     """Forget delivered rows after a while (the per-destination "done" count covers that window)."""
     with write_transaction(db):
         return Outbox.delete().where((Outbox.state == DONE) & (Outbox.updated_at < older_than)).execute()
+
+
+def delivered_by(db: Database, instance: str, rules: set[str]) -> bool:
+    """Whether one of ``rules`` has delivered this instance."""
+    return (
+        Outbox.select()
+        .where((Outbox.instance == instance) & (Outbox.state == DONE) & Outbox.rule.in_(list(rules)))
+        .exists()
+    )
 
 
 def open_for_instance(db: Database, instance: str) -> int:

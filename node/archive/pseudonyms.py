@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import threading
 
-from peewee import Database
+from peewee import Database, SqliteDatabase
 
 from node.archive.db import write_transaction
 from node.archive.models import Property, Pseudonym, utcnow
@@ -137,7 +137,10 @@ class DatabaseUidMap:
                 with write_transaction(self.db):
                     # Read again under the write lock: another process may have been first (no number wasted).
                     if self._read(NAME_SPACE, stripped) is None:
-                        row = Property.get_or_none(Property.key == NAME_COUNTER)
+                        counter = Property.select().where(Property.key == NAME_COUNTER)
+                        if not isinstance(self.db, SqliteDatabase):  # SQLite's write lock is the whole file
+                            counter = counter.for_update()
+                        row = counter.first()
                         number = int(row.value) + 1 if row is not None else 1
                         Property.insert(key=NAME_COUNTER, value=str(number)).on_conflict(
                             conflict_target=[Property.key], update={Property.value: str(number)}

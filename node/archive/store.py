@@ -19,7 +19,7 @@ from typing import Literal
 from peewee import Database, IntegrityError
 
 from node.archive.db import open_index, write_transaction
-from node.archive.models import Change, Garbage, Instance, Patient, Series, Study, utcnow
+from node.archive.models import Change, Garbage, Instance, Outbox, Patient, Series, Study, utcnow
 from node.archive.outbox import enqueue
 from node.archive.storage import FileStorage, SpoolFile
 from node.dicom.ids import ResourceIds, resource_ids
@@ -298,11 +298,13 @@ def elapsed_ms(t0: float) -> float:
     return round((time.perf_counter() - t0) * 1000, 2)
 
 
-def delete_instance(archive: Archive, public_id: str) -> bool:
+def delete_instance(archive: Archive, public_id: str, unless_queued: bool = False) -> bool:
     """Remove an instance (and a series, study or patient left empty) from the index, then its file.
 
     The file goes through ``Garbage`` like a replaced one: a crash between the commit and the unlink leaves
-    it for recovery, never an index row without its file. Returns False when the instance was not there.
+    it for recovery, never an index row without its file. Returns False when the instance was not there, or
+    (``unless_queued``) when an outbox row of it is not delivered yet: checked in the same transaction, so a
+    copy queued meanwhile (an overwrite, a replay) is never deleted under its row.
     """
     db = archive.db
     db.connect(reuse_if_open=True)
@@ -310,6 +312,8 @@ def delete_instance(archive: Archive, public_id: str) -> bool:
     with write_transaction(db):
         inst = Instance.get_or_none(Instance.public_id == public_id)
         if inst is None:
+            return False
+        if unless_queued and Outbox.select().where((Outbox.instance == public_id) & (Outbox.state != "done")).exists():
             return False
         uuid = inst.file_uuid
         Garbage.insert(file_uuid=uuid).on_conflict_ignore().execute()

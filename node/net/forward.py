@@ -10,7 +10,9 @@ transfer syntax (sent as the bytes are: no decoding), Explicit VR Little Endian 
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -90,6 +92,15 @@ def _direct_send(assoc: Association) -> None:
         msg = _RQ_TO_MESSAGE[primitive.__class__]()
         msg.primitive_to_message(primitive)
         msg.context_id = context_id
+        # pynetdicom leaves the socket blocking without a timeout once connected: a peer that stops reading
+        # would hang this thread for good. While we write, a stall of the network timeout raises instead.
+        sock.settimeout(assoc.network_timeout)
+        try:
+            _write(msg, context_id, sock)
+        finally:
+            sock.settimeout(None)
+
+    def _write(msg: Any, context_id: int, sock: socket.socket) -> None:
         batch: list[bytes] = []
         size = 0
         timer = getattr(assoc.dul, "_idle_timer", None)
@@ -181,8 +192,16 @@ class Connection:
         self.message_id = self.message_id % 65535 + 1
         try:
             status = assoc.send_c_store(path, msg_id=self.message_id)
-        except (ValueError, AttributeError, OSError) as exc:
-            return Sent(False, None, f"{type(exc).__name__}: {exc}", syntax)
+        except (TimeoutError, ConnectionError, BrokenPipeError) as exc:  # the peer stopped reading or went away
+            assoc.abort()
+            return Sent(False, None, f"sending failed: {type(exc).__name__}: {exc}", syntax, association_lost=True)
+        except Exception as exc:  # noqa: BLE001 - anything pynetdicom raises for this instance is its failure
+            lost = not assoc.is_established
+            return Sent(False, None, f"{type(exc).__name__}: {exc}", syntax, association_lost=lost)
+        finally:
+            if path != item.path:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)  # the decompressed copy
         code = getattr(status, "Status", None)
         if code is None:
             lost = not assoc.is_established

@@ -104,7 +104,8 @@ def fire(
             instances = _instances(level, row.id, row.stable_seen) if trigger_rules else []
             plan = [(i, route_instance(archive, i, trigger_rules, trigger)) for i in instances]
             # Covered from now on, routed or not: a rule added later does not resend what came before it.
-            newest = _newest(level, row.id, row.stable_seen)
+            newest = (max(i.received_at for i in instances) if instances
+                      else _newest(level, row.id, row.stable_seen))  # fmt: skip
             with write_transaction(db):
                 still_quiet = (model.id == row.id) & (model.last_update == row.last_update) & model.stable_pending
                 changed = (
@@ -123,3 +124,22 @@ def fire(
             fired.append(Fired(trigger, row.public_id, len(instances), queued))
             log.info("stable", trigger=trigger, resource=row.public_id, instances=len(instances), queued=queued)
     return fired
+
+
+def awaiting(instance: str) -> bool:
+    """Whether a stable trigger has still to cover this instance (its series or study has not fired since it
+    came): a source must not be deleted before a StableSeries/StableStudy rule has seen it."""
+    row = (
+        Instance.select(Instance.received_at, Series.stable_pending, Series.stable_seen,
+                        Study.stable_pending.alias("study_pending"), Study.stable_seen.alias("study_seen"))
+        .join(Series).join(Study)
+        .where(Instance.public_id == instance)
+        .dicts()
+        .first()
+    )  # fmt: skip
+    if row is None:
+        return False
+    for pending, seen in ((row["stable_pending"], row["stable_seen"]), (row["study_pending"], row["study_seen"])):
+        if pending or seen is None or row["received_at"] > seen:
+            return True
+    return False

@@ -11,6 +11,7 @@ Every transition is one structured log event with the rule, the destination, the
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import os
 import socket
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pydicom import config as pydicom_config
+from pydicom.errors import InvalidDicomError
 
 from node import logs
 from node.archive import outbox
@@ -30,7 +32,7 @@ from node.dicom.errors import RequestError
 from node.dicom.fileio import NotDicom, Truncated
 from node.dicom.maintags import MalformedDataset, read_index_tags
 from node.net.forward import AssociationFailed, Connection, Outgoing, quiet_pynetdicom
-from node.net.scu import Target
+from node.net.scu import Target, inspect
 from node.routing import stable
 from node.routing.rules import ARCHIVE, Route
 from node.routing.transform import Result, Transformer, discard
@@ -51,7 +53,7 @@ PERMANENT = (RequestError, NotDicom, Truncated, MalformedDataset)
 
 def worker_prefix(cfg: Config) -> str:
     """Claims are named ``<node name>@<host>/<slot>:<pid>``: the node's own at start, a process' when it dies."""
-    return f"{cfg['Name']}@{socket.gethostname()}/"
+    return f"{cfg['Name'][:40]}@{socket.gethostname()[:60]}/"  # (the column holds 128 characters)
 
 
 @dataclass
@@ -67,19 +69,22 @@ class Worker:
     last_used: dict[str, float] = field(default_factory=dict)
 
     @property
+    def stable_rules(self) -> bool:
+        return any(r.trigger != "Instance" for r in self.routes.values())
+
+    @property
     def db(self):  # type: ignore[no-untyped-def]
         return self.archive.db
 
     # -- one round ----------------------------------------------------------------------------------------
     def step(self) -> bool:
         """Claim and carry out one batch; False when there was nothing to do."""
-        prefer = max(self.last_used, key=self.last_used.__getitem__) if self.last_used else None
         if not outbox.worth_claiming(self.db, self.cfg["RoutingBatchSize"], LINGER_S):
             self._release_idle()
             return False
         batch = outbox.claim(
             self.db, self.name, lease_s=self.cfg["RoutingLeaseTimeout"], limit=self.cfg["RoutingBatchSize"],
-            max_per_destination=self.cfg["RoutingAssociationsPerDestination"], prefer=prefer,
+            max_per_destination=self.cfg["RoutingAssociationsPerDestination"],
         )  # fmt: skip
         if not batch:
             self._release_idle()
@@ -97,14 +102,17 @@ class Worker:
                 self._failed([d], f"destination {destination!r} is no longer in DicomModalities", None, final=True)
             else:
                 work.append((d, rows[d.instance], route))
-        if work:
-            try:
-                if destination == ARCHIVE:
-                    self._store_locally(work)
-                else:
-                    self._forward(destination, work)
-            finally:
-                self.transformer.flush()
+        try:
+            if work and destination == ARCHIVE:
+                self._store_locally(work)
+            elif work:
+                self._forward(destination, work)
+        except Exception as exc:
+            # Whatever escaped (a database error, a pynetdicom surprise): the rows still held by this claim get
+            # an attempt counted, so a failure that repeats ends dead instead of looping lease after lease.
+            log.exception("routing batch failed", destination=destination, error=str(exc))
+            with contextlib.suppress(Exception):
+                self._failed(outbox.held(self.db, batch), f"{type(exc).__name__}: {exc}", None)
         self.last_used[destination] = time.monotonic()
         return True
 
@@ -115,15 +123,21 @@ class Worker:
         """Transform the whole batch before connecting: the CPU work of one worker then overlaps the sending of
         another (a destination that takes one association at a time keeps the others waiting, not idle)."""
         ready = []
-        for d, row, route in work:
+        lease_s = self.cfg["RoutingLeaseTimeout"]
+        renewed = time.monotonic()
+        for i, (d, row, route) in enumerate(work):
+            if time.monotonic() - renewed > lease_s / 3:  # transcoding a large batch takes a while
+                outbox.renew(self.db, [w[0] for w in work[i:]], lease_s)
+                renewed = time.monotonic()
             source = self.archive.storage.locate(row.file_uuid)
             try:
                 if route.transforms:
                     result = self.transformer.run(route, source)
                     ready.append((d, row, Outgoing(result.path, result.sop_class, result.transfer_syntax), result))
-                else:
-                    ready.append((d, row, Outgoing(source, row.sop_class_uid, row.transfer_syntax), None))
-            except PERMANENT as exc:
+                else:  # sent as stored: its own file meta says what it is (what pynetdicom will look up)
+                    meta = inspect(source)
+                    ready.append((d, row, Outgoing(source, meta.sop_class, meta.transfer_syntax), None))
+            except (*PERMANENT, InvalidDicomError) as exc:
                 self._failed([d], f"{route.name}: {exc}", None, final=True)
             except Exception as exc:  # noqa: BLE001 - a file we cannot read now may be readable later
                 self._failed([d], f"{route.name}: {type(exc).__name__}: {exc}", None)
@@ -131,6 +145,7 @@ class Worker:
 
     def _forward(self, destination: str, work: list[tuple[outbox.Delivery, Instance, Route]]) -> None:
         ready = self._prepare(work)
+        self.transformer.flush()  # the pairs are on record before any pseudonym leaves the node
         try:
             if ready:
                 self._send(destination, ready)
@@ -151,20 +166,18 @@ class Worker:
             if later is not None:
                 outbox.postpone(self.db, destination, later)  # the rest of its queue waits too
             return
-        done: list[outbox.Delivery] = []
-        notes: dict[tuple[int | None, str], list[int]] = {}
+        notes: dict[tuple[int | None, str], list[outbox.Delivery]] = {}
         lease_s = self.cfg["RoutingLeaseTimeout"]
         renewed = time.monotonic()
         try:
             for i, (d, row, item, result) in enumerate(ready):
                 if time.monotonic() - renewed > lease_s / 3:
-                    outbox.renew(self.db, [r[0].id for r in ready[i:]], lease_s)
+                    outbox.renew(self.db, [r[0] for r in ready[i:]], lease_s)
                     renewed = time.monotonic()
                 t0 = time.perf_counter()
                 sent = conn.send(item, self._converter())
                 if sent.ok:
-                    done.append(d)
-                    notes.setdefault((sent.status, sent.error), []).append(d.id)
+                    notes.setdefault((sent.status, sent.error), []).append(d)
                     log.info("sent", rule=d.rule, destination=destination, instance=d.instance, study=d.study,
                              sop_instance_uid=result.sop_uid if result else row.sop_uid, attempt=d.attempts + 1,
                              status=f"0x{sent.status or 0:04X}", transfer_syntax=sent.transfer_syntax,
@@ -178,10 +191,11 @@ class Worker:
                     break
         finally:
             conn.close()  # released after each batch: another worker may be waiting for this destination
-            for (status, note), ids in notes.items():
-                outbox.mark_done(self.db, ids, status, note)
-        routes = self.routes
-        self._delete_sources([(d, routes[d.rule]) for d in done])
+            recorded: list[outbox.Delivery] = []
+            for (status, note), delivered in notes.items():
+                ids = set(outbox.mark_done(self.db, delivered, status, note))
+                recorded += [d for d in delivered if d.id in ids]
+        self._delete_sources(recorded)
 
     def _connection(self, destination: str) -> Connection:
         conn = self.connections.get(destination)
@@ -206,22 +220,19 @@ class Worker:
 
     # -- storing into our own archive (a rule without Forward) -------------------------------------------
     def _store_locally(self, work: list[tuple[outbox.Delivery, Instance, Route]]) -> None:
-        done = []
+        recorded: list[outbox.Delivery] = []
         for d, row, route in work:
             result = None
+            spool = None
             try:
                 result = self.transformer.run(route, self.archive.storage.locate(row.file_uuid))
+                self.transformer.flush()
                 spool = self.archive.storage.new_spool()
                 with open(result.path, "rb") as fh:
                     while chunk := fh.read(1 << 20):
                         spool.write(chunk)
-                try:
-                    tags = read_index_tags(spool.name)
-                except MalformedDataset:
-                    spool.close()
-                    self.archive.storage.discard_spool(spool.uuid)
-                    raise
-                stored = store(self.archive, spool, tags, Origin(stable.ROUTING_ORIGIN))
+                stored = store(self.archive, spool, read_index_tags(spool.name), Origin(stable.ROUTING_ORIGIN))
+                spool = None  # the archive's now
             except PERMANENT as exc:
                 self._failed([d], f"{route.name}: {exc}", None, final=True)
                 continue
@@ -229,13 +240,18 @@ class Worker:
                 self._failed([d], f"{route.name}: {type(exc).__name__}: {exc}", None)
                 continue
             finally:
+                if spool is not None:
+                    spool.close()
+                    self.archive.storage.discard_spool(spool.uuid)
                 if result is not None:
                     discard(result.path)
-            outbox.mark_done(self.db, [d.id], 0, stored.status)
+            if not outbox.mark_done(self.db, [d], 0, stored.status):
+                continue
             log.info("sent", rule=d.rule, destination=ARCHIVE, instance=d.instance, study=d.study,
                      new_instance=stored.ids.instance, status=stored.status, attempt=d.attempts + 1)  # fmt: skip
-            done.append((d, route))
-        self._delete_sources(done)
+            if stored.ids.instance != d.instance:  # a copy that kept every identifier *is* the source
+                recorded.append(d)
+        self._delete_sources(recorded)
 
     # -- outcomes -----------------------------------------------------------------------------------------
     def _failed(
@@ -256,10 +272,19 @@ class Worker:
                 log.warning("retry", retry_in_s=round(delay, 1), **fields)
         return outcomes
 
-    def _delete_sources(self, done: list[tuple[outbox.Delivery, Route]]) -> None:
-        for d, route in done:
-            if (route.delete_source and outbox.open_for_instance(self.db, d.instance) == 0
-                    and delete_instance(self.archive, d.instance)):  # fmt: skip
+    def _delete_sources(self, recorded: list[outbox.Delivery]) -> None:
+        """Delete a source once a rule that asks for it has delivered it and nothing else is owed for it: no
+        open row of any rule, and no stable-trigger rule still to fire for its series or study (the delivery
+        that completes the set may be another rule's)."""
+        deleting = {r.name for r in self.routes.values() if r.delete_source}
+        if not deleting:
+            return
+        for d in {d.instance: d for d in recorded}.values():
+            if not outbox.delivered_by(self.db, d.instance, deleting):
+                continue
+            if self.stable_rules and stable.awaiting(d.instance):
+                continue
+            if delete_instance(self.archive, d.instance, unless_queued=True):
                 log.info("source deleted", rule=d.rule, instance=d.instance, study=d.study)
 
     def close(self) -> None:
@@ -318,15 +343,23 @@ def run(cfg: Config, archive: Archive, stop: Stop, slot: str, scheduler: bool) -
 
 
 def housekeeping(cfg: Config, archive: Archive) -> None:
-    """Fire stable triggers, reclaim expired leases, forget old delivered rows. Errors are logged, not fatal."""
-    try:
-        stable.fire(archive, cfg.routes, cfg["StableAge"], on_queued=_log_queued)
-        reclaimed = outbox.reclaim_expired(archive.db)
-        if reclaimed:
-            log.warning("leases expired; rows pending again", rows=reclaimed)
-        outbox.prune_done(archive.db, utcnow() - DONE_RETENTION)
-    except Exception as exc:
-        log.exception("routing scheduler error", error=str(exc))
+    """Fire stable triggers, reclaim expired leases, forget old delivered rows. Each step on its own: an error
+    in one (logged) never stops the others, least of all the reclaim that rescues rows of a hung worker."""
+    for what, step in (
+        ("stable triggers", lambda: stable.fire(archive, cfg.routes, cfg["StableAge"], on_queued=_log_queued)),
+        ("lease reclaim", lambda: _reclaim(archive)),
+        ("pruning", lambda: outbox.prune_done(archive.db, utcnow() - DONE_RETENTION)),
+    ):
+        try:
+            step()
+        except Exception as exc:
+            log.exception("routing scheduler error", step=what, error=str(exc))
+
+
+def _reclaim(archive: Archive) -> None:
+    reclaimed = outbox.reclaim_expired(archive.db)
+    if reclaimed:
+        log.warning("leases expired; rows pending again", rows=reclaimed)
 
 
 def _log_queued(rule: str, destination: str, instance: str, study: str) -> None:
