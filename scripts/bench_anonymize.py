@@ -33,14 +33,12 @@ Prerequisites: Debian ``orthanc`` (``ORTHANC_BIN``, default /usr/sbin/Orthanc), 
 from __future__ import annotations
 
 import argparse
-import importlib
 import io
 import json
 import multiprocessing
 import os
 import re
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -51,37 +49,10 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-BENCH = ROOT.parent / "shared" / "bench"
-DATA = Path(os.environ.get("BENCH_DATA", "/tmp/dicombench-data"))
-TMP_ROOT = os.environ.get("BENCH_TMP", "/tmp")
+from benchlib import DATA, ROOT, TMP_ROOT, Rec, ensure_data, fmt_num, load_harness, log, median
+
 TARGETS = ("orthanc", "pydicom", "node-cli", "node-inproc")
 TARGET_GOAL = 3.0  # the issue's goal: node >= 3x Orthanc's study anonymize
-
-Rec = dict[str, Any]
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def median(xs: list[float]) -> float | None:
-    return statistics.median(xs) if xs else None
-
-
-def load_harness() -> ModuleType:
-    """The shared harness (``../shared/bench/bench.py``) as a module, for its Orthanc target and pydicom loop."""
-    if not (BENCH / "bench.py").is_file():
-        sys.exit(f"{BENCH}/bench.py not found: the benchmark harness lives in ../shared/bench")
-    sys.path.insert(0, str(BENCH))
-    return importlib.import_module("bench")
-
-
-def ensure_data(ds_dir: Path) -> None:
-    """Generate the ``ct`` dataset if missing (for one kind, make_dataset.py's --out is the dataset folder)."""
-    if not (ds_dir / "manifest.json").exists():
-        log(f"generating the ct dataset in {ds_dir}")
-        subprocess.run([sys.executable, str(BENCH / "make_dataset.py"), "ct", "--out", str(ds_dir)], check=True)
 
 
 def node_cli() -> list[str]:
@@ -399,12 +370,12 @@ def table(recs: list[Rec], units: list[Unit], src: Source, reps: int) -> str:
             continue
         walls = [r["wall"] for r in good]
         cpus = [1e3 * r["cpu"] / n for r in good if r.get("cpu") is not None]
-        xo = "1.00" if u == orth else _f(paired_ratio(timed, u, orth))
-        xp = "1.00" if u == py1 else _f(paired_ratio(timed, u, py1))
+        xo = "1.00" if u == orth else fmt_num(paired_ratio(timed, u, orth))
+        xp = "1.00" if u == py1 else fmt_num(paired_ratio(timed, u, py1))
         lines.append(
             f"| {name} | {u.jobs} | {median(walls):.2f} ({min(walls):.2f}-{max(walls):.2f}) | "
             f"{median([n / w for w in walls]):.1f} | {median([nbytes / 1e6 / w for w in walls]):.1f} | "
-            f"{_f(median(cpus), 1)} | {xo} | {xp} | {status} |"
+            f"{fmt_num(median(cpus), 1)} | {xo} | {xp} | {status} |"
         )
     up = [r for r in recs if r.get("op") == "rest-upload"]
     if up:
@@ -427,10 +398,6 @@ def table(recs: list[Rec], units: list[Unit], src: Source, reps: int) -> str:
                 verdict.append(f"{u.label} {x:.2f}x ({'met' if x >= TARGET_GOAL else 'NOT met'})")
         lines += ["", f"Goal >= {TARGET_GOAL:.0f}x Orthanc: " + ("; ".join(verdict) or "no valid node measurement")]
     return "\n".join(lines)
-
-
-def _f(x: float | None, digits: int = 2) -> str:
-    return "-" if x is None else f"{x:.{digits}f}"
 
 
 # ----------------------------------------------------------------------------- main

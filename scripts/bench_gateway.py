@@ -43,13 +43,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib
 import json
 import os
 import shutil
 import socket
-import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -59,10 +56,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-BENCH = ROOT.parent / "shared" / "bench"
-DATA = Path(os.environ.get("BENCH_DATA", "/tmp/dicombench-data"))
-TMP_ROOT = os.environ.get("BENCH_TMP", "/tmp")
+from benchlib import DATA, ROOT, TMP_ROOT, Rec, ensure_data, fmt_num, load_harness, log, median
+
 TARGETS = ("node-ingest", "node-gateway", "orthanc-lua")
 GATEWAYS = ("node-gateway", "orthanc-lua")
 GOAL_VS_INGEST = 1.3  # node-gateway wall <= 1.3x node-ingest wall (same rep)
@@ -76,7 +71,6 @@ SETTLE_S = 0.5
 #: Give up waiting for the destination when nothing arrived for this long after storescu exited.
 STALL_S = 120.0
 
-Rec = dict[str, Any]
 
 LUA_SCRIPT = """\
 -- De-identify and forward, instance by instance (the Orthanc book's auto-routing recipe with /anonymize).
@@ -89,29 +83,6 @@ function OnStoredInstance(instanceId, tags, metadata, origin)
    end
 end
 """
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def median(xs: list[float]) -> float | None:
-    return statistics.median(xs) if xs else None
-
-
-def load_harness() -> ModuleType:
-    """The shared harness (``../shared/bench/bench.py``) as a module: storescu driver, Server, Orthanc config."""
-    if not (BENCH / "bench.py").is_file():
-        sys.exit(f"{BENCH}/bench.py not found: the benchmark harness lives in ../shared/bench")
-    sys.path.insert(0, str(BENCH))
-    return importlib.import_module("bench")
-
-
-def ensure_data(ds_dir: Path) -> None:
-    """Generate the ``ct`` dataset if missing (for one kind, make_dataset.py's --out is the dataset folder)."""
-    if not (ds_dir / "manifest.json").exists():
-        log(f"generating the ct dataset in {ds_dir}")
-        subprocess.run([sys.executable, str(BENCH / "make_dataset.py"), "ct", "--out", str(ds_dir)], check=True)
 
 
 def free_port() -> int:
@@ -436,10 +407,6 @@ def paired(recs: list[Rec], num: str, den: str) -> list[float]:
     ]
 
 
-def _f(x: float | None, digits: int = 2) -> str:
-    return "-" if x is None else f"{x:.{digits}f}"
-
-
 def table(recs: list[Rec], targets: list[str], src: Source, reps: int) -> str:
     n, nbytes = len(src.files), src.nbytes
     lines = [
@@ -467,7 +434,7 @@ def table(recs: list[Rec], targets: list[str], src: Source, reps: int) -> str:
         lines.append(
             f"| {t} | {median(walls):.2f} ({min(walls):.2f}-{max(walls):.2f}) | {median([n / w for w in walls]):.1f} "
             f"| {median([nbytes / 1e6 / w for w in walls]):.1f} | {median([r['ingest'] for r in good]):.2f} "
-            f"| {_f(median([r['tail'] for r in good])) if gw else '-'} "
+            f"| {fmt_num(median([r['tail'] for r in good])) if gw else '-'} "
             f"| {median([1e3 * r['server_cpu'] / n for r in good]):.1f} "
             f"| {'/'.join(map(str, studies)) if studies else '-'} | {status} |"
         )
