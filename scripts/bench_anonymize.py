@@ -49,7 +49,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from benchlib import DATA, ROOT, TMP_ROOT, Rec, ensure_data, fmt_num, load_harness, log, median
+from benchlib import DATA, ROOT, TMP_ROOT, Rec, ensure_data, fmt_num, load_harness, log, median, save_and_report
 
 TARGETS = ("orthanc", "pydicom", "node-cli", "node-inproc")
 TARGET_GOAL = 3.0  # the goal: node >= 3x Orthanc's study anonymize
@@ -483,18 +483,7 @@ def main(argv: list[str] | None = None) -> int:
         ]
     )
     print(text)
-    os.makedirs(a.out_dir, exist_ok=True)
-    stamp = time.strftime("%Y%m%dT%H%M%S")
-    base = os.path.join(a.out_dir, f"anonymize-study-{stamp}")
-    with open(base + ".json", "w") as fh:
-        json.dump({"env": info, "records": recs}, fh, indent=1, default=str)
-    with open(base + ".md", "w") as fh:
-        fh.write(text + "\n")
-    log(f"saved {base}.{{json,md}}")
-    failed = [r for r in recs if not r.get("ok")]
-    if failed:
-        log(f"!! {len(failed)} measurement(s) FAILED verification - see the 'verified' column")
-    return 1 if failed else 0
+    return save_and_report(a.out_dir, "anonymize-study", info, recs, text)
 
 
 if __name__ == "__main__":

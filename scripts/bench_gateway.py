@@ -56,7 +56,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from benchlib import DATA, ROOT, TMP_ROOT, Rec, ensure_data, fmt_num, load_harness, log, median
+from benchlib import DATA, ROOT, TMP_ROOT, Rec, ensure_data, fmt_num, load_harness, log, median, save_and_report
 
 TARGETS = ("node-ingest", "node-gateway", "orthanc-lua")
 GATEWAYS = ("node-gateway", "orthanc-lua")
@@ -527,17 +527,7 @@ def main(argv: list[str] | None = None) -> int:
         ]
     )
     print(text)
-    os.makedirs(a.out_dir, exist_ok=True)
-    base = os.path.join(a.out_dir, f"gateway-{time.strftime('%Y%m%dT%H%M%S')}")
-    with open(base + ".json", "w") as fh:
-        json.dump({"env": info, "records": recs}, fh, indent=1, default=str)
-    with open(base + ".md", "w") as fh:
-        fh.write(text + "\n")
-    log(f"saved {base}.{{json,md}}")
-    failed = [r for r in recs if not r.get("ok")]
-    if failed:
-        log(f"!! {len(failed)} measurement(s) FAILED verification - see the 'verified' column")
-    return 1 if failed else 0
+    return save_and_report(a.out_dir, "gateway", info, recs, text)
 
 
 if __name__ == "__main__":

@@ -6,10 +6,12 @@ Imported by ``bench_anonymize.py`` and ``bench_gateway.py`` (their folder is on 
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -48,3 +50,19 @@ def ensure_data(ds_dir: Path) -> None:
     if not (ds_dir / "manifest.json").exists():
         log(f"generating the ct dataset in {ds_dir}")
         subprocess.run([sys.executable, str(BENCH / "make_dataset.py"), "ct", "--out", str(ds_dir)], check=True)
+
+
+def save_and_report(out_dir: str, name: str, info: dict[str, Any], recs: list[Rec], text: str) -> int:
+    """Save every measurement (JSON) and the table (markdown) as ``<out_dir>/<name>-<stamp>.*``; the exit code:
+    1 when a measurement failed its verification."""
+    os.makedirs(out_dir, exist_ok=True)
+    base = os.path.join(out_dir, f"{name}-{time.strftime('%Y%m%dT%H%M%S')}")
+    with open(base + ".json", "w") as fh:
+        json.dump({"env": info, "records": recs}, fh, indent=1, default=str)
+    with open(base + ".md", "w") as fh:
+        fh.write(text + "\n")
+    log(f"saved {base}.{{json,md}}")
+    failed = [r for r in recs if not r.get("ok")]
+    if failed:
+        log(f"!! {len(failed)} measurement(s) FAILED verification - see the 'verified' column")
+    return 1 if failed else 0
