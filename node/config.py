@@ -28,6 +28,10 @@ DEFAULTS: dict[str, Any] = {
     "DicomPort": 4242,
     "DicomListenAddress": "0.0.0.0",
     "HttpPort": 8042,
+    "HttpServerEnabled": True,
+    "RemoteAccessAllowed": False,
+    "AuthenticationEnabled": None,
+    "RegisteredUsers": {},
     "StorageDirectory": "dicom-node-data/storage",
     "IndexDirectory": "dicom-node-data",
     "Database": "",
@@ -202,9 +206,17 @@ def parse_override(key: str, raw: str) -> Any:
         return raw
 
 
+#: Keys whose default is "decided from other keys" (null) and that otherwise take this type.
+_NULLABLE: dict[str, type] = {"AuthenticationEnabled": bool}
+
+
 def _check_type(key: str, value: Any, where: str) -> None:
     default = DEFAULTS[key]
     expected: type | tuple[type, ...] = type(default)
+    if key in _NULLABLE:
+        if value is None or isinstance(value, _NULLABLE[key]):
+            return
+        raise ConfigError(f"{where}: key {key!r} must be true, false or null, got {json.dumps(value)}")
     ok = isinstance(value, expected) and not (expected is int and isinstance(value, bool))
     if not ok:
         raise ConfigError(
@@ -310,6 +322,16 @@ def _validate(values: dict[str, Any], source: str, base_dir: Path, warnings: lis
     url = values["Database"]
     if url and not url.startswith(("sqlite:///", "postgresql://", "postgres://")):
         raise ConfigError(f"{source}: key 'Database' must be a sqlite:///… or postgresql://… URL, got {url!r}")
+    users = values["RegisteredUsers"]
+    if not all(isinstance(u, str) and u and isinstance(p, str) for u, p in users.items()):
+        raise ConfigError(f"{source}: key 'RegisteredUsers' must map user names to passwords (strings)")
+    if values["AuthenticationEnabled"] is None:  # Orthanc: on as soon as the API is reachable from elsewhere
+        values["AuthenticationEnabled"] = values["RemoteAccessAllowed"]
+    elif values["RemoteAccessAllowed"] and not values["AuthenticationEnabled"]:
+        warnings.append(f"{source}: the REST API accepts remote clients without authentication")
+    if values["HttpServerEnabled"] and values["AuthenticationEnabled"] and not users:
+        raise ConfigError(f"{source}: key 'RegisteredUsers' is empty while the REST API requires authentication "
+                          f"(RemoteAccessAllowed or AuthenticationEnabled): nobody could log in")  # fmt: skip
     modalities = _parse_modalities(values["DicomModalities"], source)
     if any(m.name.startswith("@") for m in modalities):
         raise ConfigError(f"{source}: DicomModalities: names starting with '@' are reserved (@archive)")

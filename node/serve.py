@@ -16,6 +16,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 import time
 from pathlib import Path
 from types import FrameType
@@ -114,6 +115,32 @@ def _run_router(cfg: Config, stop: StopFlag, slot: str) -> None:
         archive.close()
 
 
+def http_host(cfg: Config) -> str:
+    """Where the REST API listens: loopback only unless ``RemoteAccessAllowed`` (Orthanc's rule)."""
+    return "0.0.0.0" if cfg["RemoteAccessAllowed"] else "127.0.0.1"
+
+
+def _run_http(cfg: Config, stop: StopFlag, slot: str) -> None:
+    """The REST API (uvicorn, in a thread of this process so that ``stop`` ends it like the other children)."""
+    import uvicorn
+
+    from node.rest.app import create_app
+
+    archive = _open(cfg, slot)
+    server = uvicorn.Server(uvicorn.Config(create_app(cfg, archive), host=http_host(cfg), port=cfg["HttpPort"],
+                                           log_level="warning", access_log=False, lifespan="off"))  # fmt: skip
+    thread = threading.Thread(target=server.run, name="rest", daemon=True)
+    thread.start()
+    try:
+        while not stop.wait(0.5):
+            if not thread.is_alive():
+                raise RuntimeError(f"the REST API stopped (port {cfg['HttpPort']})")
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        archive.close()
+
+
 def _lock_storage(storage: Path) -> IO[str]:
     """One node per storage area: a second ``serve`` on it would take the first one's spool files for
     crash leftovers and delete them."""
@@ -160,6 +187,8 @@ def serve(cfg: Config) -> int:
     lock = _lock_storage(cfg.storage_dir)
     n = receiver_processes(cfg)
     _check_port(cfg["DicomListenAddress"], cfg["DicomPort"])
+    if cfg["HttpServerEnabled"]:
+        _check_port(http_host(cfg), cfg["HttpPort"])
     archive = _open(cfg)  # creates the schema
     finished, dropped, _ = recover(archive)  # every receiver's leftovers, before any receiver runs
     with archive.db.connection_context():
@@ -168,7 +197,8 @@ def serve(cfg: Config) -> int:
     log.info("dicom-node starting", name=cfg["Name"], aet=cfg["DicomAet"], port=cfg["DicomPort"],
              storage=str(cfg.storage_dir), database=cfg.database_url, receivers=n, pid=os.getpid(),
              recovered=finished, dropped_partial=dropped, config=cfg.source, routes=[r.name for r in cfg.routes],
-             routing_workers=routing_workers(cfg), queued=queued, claims_released=released)  # fmt: skip
+             routing_workers=routing_workers(cfg), queued=queued, claims_released=released,
+             http=f"{http_host(cfg)}:{cfg['HttpPort']}" if cfg["HttpServerEnabled"] else None)  # fmt: skip
     stop = StopFlag()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -181,6 +211,10 @@ def serve(cfg: Config) -> int:
     finally:
         log.info("dicom-node stopped")
         lock.close()
+
+
+def _role(slot: str) -> str:
+    return "routing worker" if slot.startswith("w") else "REST API" if slot == "http" else "receiver process"
 
 
 def _supervise(cfg: Config, archive: Archive, n: int, stop: StopFlag) -> int:
@@ -201,11 +235,12 @@ def _supervise(cfg: Config, archive: Archive, n: int, stop: StopFlag) -> int:
             try:
                 if slot.startswith("w"):
                     _run_router(cfg, child_stop, slot)
+                elif slot == "http":
+                    _run_http(cfg, child_stop, slot)
                 else:
                     _run_receiver(cfg, child_stop, slot, reuse_port=True)
             except BaseException as exc:  # noqa: BLE001 - report and leave: the parent restarts us
-                log.error("receiver crashed" if not slot.startswith("w") else "routing worker crashed", slot=slot,
-                          error=repr(exc))  # fmt: skip
+                log.error(f"{_role(slot)} crashed", slot=slot, error=repr(exc))
                 code = 1
             finally:
                 sys.stdout.flush()
@@ -217,6 +252,8 @@ def _supervise(cfg: Config, archive: Archive, n: int, stop: StopFlag) -> int:
         spawn(str(i))
     for i in range(routing_workers(cfg)):
         spawn(f"w{i}")
+    if cfg["HttpServerEnabled"]:
+        spawn("http")
     quick_deaths = 0
     code = 0
     pending: list[tuple[str, int, int]] = []
@@ -246,8 +283,7 @@ def _supervise(cfg: Config, archive: Archive, n: int, stop: StopFlag) -> int:
                 log.error("recovery of a dead receiver's files failed; retrying", slot=slot, error=str(exc))
                 continue
             pending.remove(item)
-            what = "routing worker" if slot.startswith("w") else "receiver process"
-            log.error(f"{what} died; restarting", pid=dead_pid, status=status, slot=slot,
+            log.error(f"{_role(slot)} died; restarting", pid=dead_pid, status=status, slot=slot,
                       recovered=finished, dropped_partial=dropped)  # fmt: skip
             spawn(slot)
         stop.wait(0.2)

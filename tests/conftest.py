@@ -167,6 +167,7 @@ class Node:
     aet: str = "DICOMNODE"
     config: dict[str, Any] = field(default_factory=dict)
     proc: subprocess.Popen[bytes] | None = None
+    http_port: int = field(default_factory=free_port)
 
     @property
     def storage(self) -> Path:
@@ -186,7 +187,8 @@ class Node:
 
     def write_config(self) -> Path:
         cfg = {"DicomAet": self.aet, "DicomPort": self.port, "DicomListenAddress": "127.0.0.1",
-               "StorageDirectory": "storage", "IndexDirectory": "index", **self.config}  # fmt: skip
+               "StorageDirectory": "storage", "IndexDirectory": "index", "HttpPort": self.http_port,
+               **self.config}  # fmt: skip
         path = self.workdir / "node.json"
         path.write_text("// test configuration\n" + json.dumps(cfg, indent=2))
         return path

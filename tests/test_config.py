@@ -43,11 +43,11 @@ def test_wrong_type_names_the_key(tmp_path: Path) -> None:
 
 
 def test_orthanc_keys_we_do_not_support_start_with_a_warning(tmp_path: Path) -> None:
-    orthanc = {"Name": "MyOrthanc", "DicomAet": "ORTHANC", "RemoteAccessAllowed": True, "LuaScripts": [],
+    orthanc = {"Name": "MyOrthanc", "DicomAet": "ORTHANC", "SslEnabled": False, "LuaScripts": [],
                "StorageDirectory": "OrthancStorage", "IndexDirectory": "OrthancStorage", "PostgreSQL": {}}  # fmt: skip
     cfg = config.build(write(tmp_path / "orthanc.json", json.dumps(orthanc)), environ={})
     assert cfg["DicomAet"] == "ORTHANC"
-    assert any("RemoteAccessAllowed" in w for w in cfg.warnings) and any("PostgreSQL" in w for w in cfg.warnings)
+    assert any("SslEnabled" in w for w in cfg.warnings) and any("PostgreSQL" in w for w in cfg.warnings)
     assert cfg.storage_dir == tmp_path / "OrthancStorage"  # relative to the config file, as in Orthanc
 
 
@@ -83,3 +83,15 @@ def test_cli_exits_non_zero_with_the_message(tmp_path: Path) -> None:
     r = subprocess.run([sys.executable, "-m", "node", "serve", "--config", str(tmp_path / "none.json")],
                        capture_output=True, text=True)  # fmt: skip
     assert r.returncode == 2 and "none.json" in r.stderr
+
+
+def test_a_remotely_reachable_rest_api_needs_users_unless_authentication_is_explicitly_off(tmp_path: Path) -> None:
+    with pytest.raises(config.ConfigError, match="RegisteredUsers' is empty"):
+        config.build(None, {"RemoteAccessAllowed": True}, environ={})
+    cfg = config.build(None, {"RemoteAccessAllowed": True, "RegisteredUsers": {"alice": "s3cret"}}, environ={})
+    assert cfg["AuthenticationEnabled"] is True  # null means: on when remote access is allowed
+    cfg = config.build(None, {"RemoteAccessAllowed": True, "AuthenticationEnabled": False}, environ={})
+    assert any("without authentication" in w for w in cfg.warnings)
+    assert config.build(None, {}, environ={})["AuthenticationEnabled"] is False
+    with pytest.raises(config.ConfigError, match="true, false or null"):
+        config.build(None, {"AuthenticationEnabled": "yes"}, environ={})

@@ -316,7 +316,7 @@ def test_a_dead_receiver_is_restarted_and_the_node_keeps_storing(node_factory, t
     node = node_factory(DicomReceiverProcesses=2).start()
     assert node.proc is not None
     children = Path(f"/proc/{node.proc.pid}/task/{node.proc.pid}/children").read_text().split()
-    assert len(children) == 3  # two receivers, then the routing worker (stable series/studies)
+    assert len(children) == 4  # two receivers, the routing worker (stable series/studies), the REST API
     os.kill(int(children[0]), signal.SIGKILL)
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline and "receiver process died" not in node.log():

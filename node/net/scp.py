@@ -30,7 +30,6 @@ from pynetdicom.transport import ThreadedAssociationServer
 from node import logs
 from node.archive.storage import FileStorage, SpoolFile, is_disk_error
 from node.archive.store import Archive, Origin, elapsed_ms, store
-from node.dicom.fileio import read_header
 from node.dicom.maintags import MalformedDataset, read_index_tags
 from node.net.access import AccessPolicy
 from node.net.fastpath import FastRequestHandler
@@ -214,21 +213,9 @@ class StoreSCP:
         return SUCCESS
 
     def _route(self, path: str, origin: Origin) -> list[tuple[str, str]]:
-        """The (rule, destination) deliveries of the Instance-triggered rules, queued with the instance.
-
-        The header (no pixel data) is read only when a filter looks at tags.
-        """
-        instance_rules = [r for r in self.routes if r.trigger == "Instance"]
-        if not instance_rules:
-            return []
-        ds = None
-        if any(r.filter.needs_dataset for r in instance_rules):
-            try:
-                ds = read_header(path)
-            except Exception as exc:
-                raise MalformedDataset(f"cannot read the dataset for the routing rules: {exc}") from exc
+        """The deliveries of the Instance-triggered rules, queued in the instance's own transaction."""
         where = rules.Origin(origin.remote_aet, origin.called_aet, origin.remote_ip)
-        return rules.deliveries(instance_rules, "Instance", ds, where)
+        return rules.deliveries_for_file(self.routes, path, where)
 
     def _failure(
         self, event: evt.Event, spool: SpoolFile, sop_uid: str, t0: float, st: _AssocStats

@@ -46,6 +46,8 @@ from pydicom.multival import MultiValue
 
 from node.dicom import tags as tagmod
 from node.dicom.errors import RequestError
+from node.dicom.fileio import read_header
+from node.dicom.maintags import MalformedDataset
 from node.dicom.request import Modification, parse_anonymize, parse_modify
 from node.dicom.tags import ANY_ITEM, DicomPath
 
@@ -318,3 +320,21 @@ def matching(routes: Iterable[Route], trigger: str, ds: Dataset | None, origin: 
 def deliveries(routes: Iterable[Route], trigger: str, ds: Dataset | None, origin: Origin) -> list[tuple[str, str]]:
     """The (rule, destination) pairs to queue for one instance."""
     return [(r.name, d) for r in matching(routes, trigger, ds, origin) for d in r.destinations]
+
+
+def deliveries_for_file(routes: Iterable[Route], path: str, origin: Origin) -> list[tuple[str, str]]:
+    """The Instance-trigger deliveries of a file about to be stored (the receiver's and the REST upload's).
+
+    The header (no pixel data) is read only when a filter looks at tags; raises ``MalformedDataset`` when it
+    cannot be read (the instance is refused rather than stored unrouted).
+    """
+    instance_rules = [r for r in routes if r.trigger == "Instance"]
+    if not instance_rules:
+        return []
+    ds = None
+    if any(r.filter.needs_dataset for r in instance_rules):
+        try:
+            ds = read_header(path)
+        except Exception as exc:
+            raise MalformedDataset(f"cannot read the dataset for the routing rules: {exc}") from exc
+    return deliveries(instance_rules, "Instance", ds, origin)

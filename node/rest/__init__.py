@@ -1,0 +1,1 @@
+"""The Orthanc-compatible REST API (FastAPI): same routes and JSON shapes, reading the same archive."""

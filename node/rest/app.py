@@ -1,0 +1,109 @@
+"""The FastAPI application: Orthanc's routes over the node's archive.
+
+``create_app`` takes an open :class:`~node.archive.store.Archive`; ``serve`` runs it with uvicorn next to the
+DICOM server. Every error, ours or FastAPI's (bad parameters, unknown route), answers Orthanc's error body.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import datetime as dt
+import hmac
+import uuid
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydicom.uid import generate_uid
+from starlette.exceptions import HTTPException
+
+from node import __version__
+from node.archive.query import statistics
+from node.archive.store import Archive
+from node.config import Config
+from node.dicom.errors import RequestError
+from node.rest import errors, resources, upload
+from node.rest.errors import RestError, bad_request
+
+API_VERSION = 18  # Orthanc 1.10.1's ApiVersion: what clients check before using a route
+
+
+def _authorised(header: str, users: dict[bytes, bytes]) -> bool:
+    """HTTP basic against ``RegisteredUsers``, compared in constant time."""
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() != "basic":
+        return False
+    try:
+        user, sep, password = base64.b64decode(value.strip(), validate=True).partition(b":")
+    except (ValueError, binascii.Error):
+        return False
+    expected = users.get(user)
+    return bool(sep) and expected is not None and hmac.compare_digest(password, expected)
+
+
+def create_app(cfg: Config, archive: Archive) -> FastAPI:
+    app = FastAPI(title="dicom-node", version=__version__,
+                  description="Orthanc-compatible REST API of dicom-node")  # fmt: skip
+    app.state.archive = archive
+    app.state.cfg = cfg
+    if cfg["AuthenticationEnabled"]:
+        users = {u.encode(): p.encode() for u, p in cfg["RegisteredUsers"].items()}
+
+        @app.middleware("http")
+        async def basic_auth(request: Request, call_next: Any) -> Any:
+            if not _authorised(request.headers.get("authorization", ""), users):
+                err = RestError(401, 8, "Unauthorized", "HTTP basic authentication with a RegisteredUsers account")
+                resp = errors.response(request, err)
+                resp.headers["WWW-Authenticate"] = 'Basic realm="dicom-node"'
+                return resp
+            return await call_next(request)
+
+    @app.exception_handler(RestError)
+    def on_rest_error(request: Request, exc: RestError) -> JSONResponse:
+        return errors.response(request, exc)
+
+    @app.exception_handler(RequestError)
+    def on_request_error(request: Request, exc: RequestError) -> JSONResponse:
+        return errors.response(request, RestError(400, exc.orthanc_status, exc.orthanc_error, str(exc)))
+
+    @app.exception_handler(RequestValidationError)
+    def on_validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        where = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        return errors.response(request, bad_request(where))
+
+    @app.exception_handler(HTTPException)
+    def on_http(request: Request, exc: HTTPException) -> JSONResponse:
+        if exc.status_code == 404:
+            return errors.response(request, RestError(404, 17, "Unknown resource", f"no route {request.url.path}"))
+        return errors.response(request, RestError(exc.status_code, 8, "Bad request", str(exc.detail)))
+
+    @app.get("/system", summary="Name, version, AE title and ports of this node")
+    def system() -> dict[str, Any]:
+        return {"Name": cfg["Name"], "Version": __version__, "ApiVersion": API_VERSION, "DicomAet": cfg["DicomAet"],
+                "DicomPort": cfg["DicomPort"], "HttpPort": cfg["HttpPort"], "DatabaseBackendPlugin": None,
+                "StorageAreaPlugin": None, "PluginsEnabled": False, "CheckRevisions": False,
+                "OverwriteInstances": cfg["OverwriteInstances"], "IsHttpServerSecure": True}  # fmt: skip
+
+    @app.get("/statistics", summary="Counts per level and disk usage")
+    def stats() -> dict[str, Any]:
+        return statistics(archive).as_orthanc()
+
+    @app.get("/tools/now", summary="The server's time, UTC, in DICOM's format")
+    def now() -> str:
+        return dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S")
+
+    @app.get("/tools/now-local", summary="The server's local time in DICOM's format")
+    def now_local() -> str:
+        return dt.datetime.now().strftime("%Y%m%dT%H%M%S")
+
+    @app.get("/tools/generate-uid", summary="A new UID (level: patient, study, series or instance)")
+    def new_uid(level: str) -> Any:
+        if level not in ("patient", "study", "series", "instance"):
+            raise bad_request(f"level must be one of patient, study, series, instance; got {level!r}")
+        return str(uuid.uuid4()) if level == "patient" else str(generate_uid())
+
+    app.include_router(resources.router)
+    app.include_router(upload.router)
+    return app

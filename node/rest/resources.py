@@ -1,0 +1,118 @@
+"""Browsing the archive: ``/patients``, ``/studies``, ``/series``, ``/instances`` and one resource of each, in
+Orthanc 1.10's JSON shapes (``ID``, ``Type``, ``MainDicomTags``, parents and children, ``IsStable``,
+``LastUpdate``), and an instance's file.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from typing import Any
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import FileResponse
+from peewee import Model
+
+from node.archive.models import Instance, Patient, Series, Study
+from node.archive.store import Archive
+from node.rest.errors import bad_request, unknown_resource
+
+router = APIRouter()
+
+LEVELS: dict[str, type[Model]] = {"patients": Patient, "studies": Study, "series": Series, "instances": Instance}
+
+
+def _archive(request: Request) -> Archive:
+    return request.app.state.archive  # type: ignore[no-any-return]
+
+
+def _stamp(value: dt.datetime | str | None) -> str:
+    """Orthanc's ``LastUpdate`` format: ``20261122T130400``."""
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        value = dt.datetime.fromisoformat(value)
+    return value.strftime("%Y%m%dT%H%M%S")
+
+
+def _ids(query: Any) -> list[str]:
+    return [r for (r,) in query.tuples()]
+
+
+def describe(row: Model) -> dict[str, Any]:
+    """One resource as Orthanc's ``GET /{level}/{id}`` shows it."""
+    tags = json.loads(row.main_tags)
+    if isinstance(row, Patient):
+        studies = list(Study.select(Study.public_id, Study.stable_pending).where(Study.patient == row.id).tuples())
+        return {"ID": row.public_id, "IsStable": not any(p for _, p in studies), "Labels": [],
+                "LastUpdate": _stamp(row.last_update), "MainDicomTags": tags, "Studies": [s for s, _ in studies],
+                "Type": "Patient"}  # fmt: skip
+    if isinstance(row, Study):
+        patient = Patient.get_by_id(row.patient_id)
+        series = _ids(Series.select(Series.public_id).where(Series.study == row.id).order_by(Series.id))
+        return {"ID": row.public_id, "IsStable": not row.stable_pending, "Labels": [],
+                "LastUpdate": _stamp(row.last_update), "MainDicomTags": tags, "ParentPatient": patient.public_id,
+                "PatientMainDicomTags": json.loads(patient.main_tags), "Series": series, "Type": "Study"}  # fmt: skip
+    if isinstance(row, Series):
+        study = Study.get_by_id(row.study_id)
+        instances = _ids(Instance.select(Instance.public_id).where(Instance.series == row.id).order_by(Instance.id))
+        return {"ExpectedNumberOfInstances": None, "ID": row.public_id, "Instances": instances,
+                "IsStable": not row.stable_pending, "Labels": [], "LastUpdate": _stamp(row.last_update),
+                "MainDicomTags": tags, "ParentStudy": study.public_id, "Status": "Unknown",
+                "Type": "Series"}  # fmt: skip
+    series = Series.get_by_id(row.series_id)
+    return {"FileSize": row.file_size, "FileUuid": row.file_uuid, "ID": row.public_id,
+            "IndexInSeries": row.index_in_series, "Labels": [], "MainDicomTags": tags,
+            "ParentSeries": series.public_id, "Type": "Instance"}  # fmt: skip
+
+
+def _get(model: type[Model], public_id: str, level: str) -> Model:
+    row = model.get_or_none(model.public_id == public_id)
+    if row is None:
+        raise unknown_resource(f"no {level[:-1] if level != 'series' else 'series'} with ID {public_id!r}")
+    return row
+
+
+def _list(level: str, request: Request, expand: str | None, since: int, limit: int) -> Any:
+    model = LEVELS[level]
+    if since < 0 or limit < 0:
+        raise bad_request("'since' and 'limit' must be non-negative integers")
+    with _archive(request).db.connection_context():
+        query = model.select().order_by(model.id).offset(since)
+        if limit:
+            query = query.limit(limit)
+        rows = list(query)
+        # ?expand (any value but "false", as Orthanc) gives the resources themselves instead of their IDs
+        if expand is not None and expand.lower() != "false":
+            return [describe(r) for r in rows]
+        return [r.public_id for r in rows]
+
+
+def _one(level: str, request: Request, public_id: str) -> dict[str, Any]:
+    with _archive(request).db.connection_context():
+        return describe(_get(LEVELS[level], public_id, level))
+
+
+def _register(level: str) -> None:
+    def list_resources(request: Request, expand: str | None = None, since: int = Query(0),
+                       limit: int = Query(0)) -> Any:  # fmt: skip
+        return _list(level, request, expand, since, limit)
+
+    def one_resource(request: Request, public_id: str) -> dict[str, Any]:
+        return _one(level, request, public_id)
+
+    router.add_api_route(f"/{level}", list_resources, methods=["GET"], summary=f"List the {level}")
+    router.add_api_route(f"/{level}/{{public_id}}", one_resource, methods=["GET"], summary=f"One of the {level}")
+
+
+for _level in LEVELS:
+    _register(_level)
+
+
+@router.get("/instances/{public_id}/file", summary="The instance's DICOM file, as stored")
+def instance_file(request: Request, public_id: str) -> FileResponse:
+    archive = _archive(request)
+    with archive.db.connection_context():
+        row = _get(Instance, public_id, "instances")
+    path = archive.storage.locate(row.file_uuid)  # a storage uuid, never a DICOM value
+    return FileResponse(path, media_type="application/dicom", filename=f"{public_id}.dcm")
