@@ -289,3 +289,36 @@ def node_factory(tmp_path: Path) -> Iterator[Any]:
 
 def run(cmd: list[str], timeout: float = 300, **kw: Any) -> subprocess.CompletedProcess[str]:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=dcmtk_env(), **kw)
+
+
+# -- the REST API on a real SQLite archive (no server: FastAPI's test client) ---------------------------------
+
+
+@pytest.fixture
+def rest_archive(tmp_path: Path) -> Any:
+    from node.archive.store import open_archive
+
+    return open_archive(f"sqlite:///{tmp_path}/index.db", tmp_path / "storage")
+
+
+@pytest.fixture
+def rest_client(rest_archive: Any, tmp_path: Path) -> Any:
+    from fastapi.testclient import TestClient
+
+    from node import config
+    from node.rest.app import create_app
+
+    cfg = config.build(None, {"StorageDirectory": str(tmp_path / "storage"), "IndexDirectory": str(tmp_path),
+                              "DicomAet": "RESTNODE"}, environ={})  # fmt: skip
+    return TestClient(create_app(cfg, rest_archive))
+
+
+def store_file(archive: Any, path: Path) -> None:
+    """Store a file in an archive as the receiver does (DicomProtocol origin)."""
+    from node.archive.store import Origin, store
+    from node.dicom.maintags import read_index_tags
+
+    spool = archive.storage.new_spool()
+    spool.write(path.read_bytes())
+    archive.db.connect(reuse_if_open=True)
+    store(archive, spool, read_index_tags(spool.name), Origin("DicomProtocol", "MOD", "NODE", "127.0.0.1"))

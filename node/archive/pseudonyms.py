@@ -30,6 +30,20 @@ FLUSH_EVERY = 512
 MEMO_SIZE = 200_000
 
 
+def next_anonymization_number(db: Database) -> int:
+    """Take the next N of ``Anonymized<N>`` from the index-wide counter (Orthanc's global property
+    ``AnonymizationSequence``); call inside a write transaction."""
+    counter = Property.select().where(Property.key == NAME_COUNTER)
+    if not isinstance(db, SqliteDatabase):  # SQLite's write lock is the whole file; PostgreSQL locks the row
+        counter = counter.for_update()
+    row = counter.first()
+    number = int(row.value) + 1 if row is not None else 1
+    Property.insert(key=NAME_COUNTER, value=str(number)).on_conflict(
+        conflict_target=[Property.key], update={Property.value: str(number)}
+    ).execute()
+    return number
+
+
 def project_key(db: Database, project: str) -> bytes:
     """The project's secret, created on first use (insert-or-ignore then read: processes agree on it)."""
     name = f"PseudonymKey:{project}"
@@ -137,16 +151,9 @@ class DatabaseUidMap:
                 with write_transaction(self.db):
                     # Read again under the write lock: another process may have been first (no number wasted).
                     if self._read(NAME_SPACE, stripped) is None:
-                        counter = Property.select().where(Property.key == NAME_COUNTER)
-                        if not isinstance(self.db, SqliteDatabase):  # SQLite's write lock is the whole file
-                            counter = counter.for_update()
-                        row = counter.first()
-                        number = int(row.value) + 1 if row is not None else 1
-                        Property.insert(key=NAME_COUNTER, value=str(number)).on_conflict(
-                            conflict_target=[Property.key], update={Property.value: str(number)}
-                        ).execute()
+                        number = next_anonymization_number(self.db)
                         values = {"project": self.project, "namespace": NAME_SPACE, "original": stripped,
-                               "new": str(number), "created_at": utcnow()}  # fmt: skip
+                                  "new": str(number), "created_at": utcnow()}  # fmt: skip
                         Pseudonym.insert(**values).on_conflict_ignore().execute()
                 found = self._read(NAME_SPACE, stripped)
         assert found is not None

@@ -24,7 +24,7 @@ from node.archive.query import statistics
 from node.archive.store import Archive
 from node.config import Config
 from node.dicom.errors import RequestError
-from node.rest import errors, resources, upload
+from node.rest import edit, errors, resources, upload
 from node.rest.errors import RestError, bad_request
 
 API_VERSION = 18  # Orthanc 1.10.1's ApiVersion: what clients check before using a route
@@ -106,4 +106,5 @@ def create_app(cfg: Config, archive: Archive) -> FastAPI:
 
     app.include_router(resources.router)
     app.include_router(upload.router)
+    app.include_router(edit.router)
     return app

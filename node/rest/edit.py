@@ -1,0 +1,73 @@
+"""``POST /instances/{id}/anonymize`` and ``/modify``: the edited file is the answer; nothing is stored.
+
+Orthanc's semantics (spec §4.1): one request is one UID map, every anonymization takes a new
+``Anonymized<N>`` from the index-wide counter, ``/modify`` picks its level from what the body replaces (edge
+case 72), and a lossy ``Transcode`` gives the result a new SOPInstanceUID (edge case 48). Bodies are JSON
+whatever the Content-Type says (``curl -d`` sends form-encoded).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from pydicom.uid import generate_uid
+
+from node.archive.db import write_transaction
+from node.archive.models import Instance
+from node.archive.pseudonyms import next_anonymization_number
+from node.archive.store import Archive
+from node.dicom import fileio
+from node.dicom.apply import apply
+from node.dicom.request import parse_anonymize, parse_modify
+from node.dicom.transcode import transcode
+from node.dicom.uidmap import MemoryUidMap
+from node.rest.errors import bad_request, unknown_resource
+
+router = APIRouter()
+
+
+def parse_json(raw: bytes) -> Any:
+    """A request body as JSON; an empty body is ``{}`` (Orthanc's default request)."""
+    if not raw.strip():
+        return {}
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise bad_request(f"the request body is not valid JSON: {exc}") from None
+
+
+def _edit(archive: Archive, public_id: str, raw: bytes, anonymize: bool) -> bytes:
+    body = parse_json(raw)
+    mod = parse_anonymize(body) if anonymize else parse_modify(body)  # RequestError: 400 naming the field
+    with archive.db.connection_context():
+        row = Instance.get_or_none(Instance.public_id == public_id)
+        if row is None:
+            raise unknown_resource(f"no instance with ID {public_id!r}")
+        counter = None
+        if mod.needs_name_counter:
+            with write_transaction(archive.db):
+                counter = next_anonymization_number(archive.db)
+    loaded = fileio.load(archive.storage.locate(row.file_uuid))
+    apply(loaded.ds, mod, MemoryUidMap(), patient_name_counter=counter)
+    syntax = None
+    if mod.transcode and mod.transcode != loaded.transfer_syntax:
+        if transcode(loaded.ds, mod.transcode):  # lossy: not the same instance any more
+            loaded.ds.SOPInstanceUID = generate_uid()
+            loaded.ds.file_meta.MediaStorageSOPInstanceUID = loaded.ds.SOPInstanceUID
+        syntax = mod.transcode
+    return b"".join(bytes(c) for c in fileio.encode(loaded, syntax))
+
+
+@router.post("/instances/{public_id}/anonymize", summary="The instance anonymized (Orthanc /anonymize body)")
+async def anonymize_instance(request: Request, public_id: str) -> Response:
+    data = await run_in_threadpool(_edit, request.app.state.archive, public_id, await request.body(), True)
+    return Response(data, media_type="application/dicom")
+
+
+@router.post("/instances/{public_id}/modify", summary="The instance modified (Orthanc /modify body)")
+async def modify_instance(request: Request, public_id: str) -> Response:
+    data = await run_in_threadpool(_edit, request.app.state.archive, public_id, await request.body(), False)
+    return Response(data, media_type="application/dicom")

@@ -1,0 +1,58 @@
+"""``POST /instances/{id}/anonymize|modify`` (spec §4.1): the edited file comes back, nothing is stored."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pydicom
+import pytest
+from conftest import make_instance, store_file
+from fastapi.testclient import TestClient
+
+from node.archive.store import Archive
+from node.dicom.ids import resource_ids
+
+
+@pytest.fixture
+def stored(rest_client: TestClient, rest_archive: Archive, tmp_path: Path) -> str:
+    store_file(rest_archive, make_instance(tmp_path / "a.dcm", patient_id="P5", study_uid="1.5", series_uid="1.5.1",
+                               sop_uid="1.5.1.1", PatientName="Doe^Jane", InstitutionName="General"))  # fmt: skip
+    return resource_ids("P5", "1.5", "1.5.1", "1.5.1.1").instance
+
+
+def dicom(response: object) -> pydicom.Dataset:
+    assert response.status_code == 200, response.text  # type: ignore[attr-defined]
+    assert response.headers["content-type"] == "application/dicom"  # type: ignore[attr-defined]
+    return pydicom.dcmread(io.BytesIO(response.content))  # type: ignore[attr-defined]
+
+
+def test_each_anonymize_call_takes_a_new_name_and_new_uids(rest_client: TestClient, stored: str) -> None:
+    first = dicom(rest_client.post(f"/instances/{stored}/anonymize", content=b""))
+    second = dicom(rest_client.post(f"/instances/{stored}/anonymize", json={}))
+    assert (str(first.PatientName), str(second.PatientName)) == ("Anonymized1", "Anonymized2")  # edge case 70
+    assert first.StudyInstanceUID != "1.5" and first.StudyInstanceUID != second.StudyInstanceUID
+    assert "InstitutionName" not in first and first.PatientID != "P5"
+    assert rest_client.get("/statistics").json()["CountInstances"] == 1  # nothing stored
+
+
+def test_modify_picks_its_level_from_what_it_replaces(rest_client: TestClient, stored: str) -> None:
+    # curl -d sends application/x-www-form-urlencoded: the body is JSON all the same
+    r = rest_client.post(f"/instances/{stored}/modify", content=b'{"Replace": {"InstitutionName": "Research"}}',
+                    headers={"Content-Type": "application/x-www-form-urlencoded"})  # fmt: skip
+    ds = dicom(r)
+    assert ds.InstitutionName == "Research" and ds.StudyInstanceUID == "1.5" and ds.SeriesInstanceUID == "1.5.1"
+    assert ds.SOPInstanceUID != "1.5.1.1"  # instance level: only the SOP Instance UID changes
+    ds = dicom(rest_client.post(f"/instances/{stored}/modify", json={"Replace": {"PatientID": "X"}, "Force": True}))
+    assert ds.PatientID == "X" and ds.StudyInstanceUID != "1.5" and ds.SeriesInstanceUID != "1.5.1"  # patient level
+
+
+def test_bad_requests_are_400_naming_the_problem_and_unknown_instances_404(rest_client: TestClient,
+                                                                          stored: str) -> None:  # fmt: skip
+    r = rest_client.post(f"/instances/{stored}/anonymize", content=b"{not json")
+    assert r.status_code == 400 and "not valid JSON" in r.json()["Details"]
+    r = rest_client.post(f"/instances/{stored}/anonymize", json={"DicomVersion": "1999"})
+    assert r.status_code == 400 and "DicomVersion" in r.json()["Details"]
+    r = rest_client.post(f"/instances/{stored}/modify", json={"Replace": {"NoSuchTag": "x"}})
+    assert r.status_code == 400 and "NoSuchTag" in r.json()["Details"] and r.json()["OrthancStatus"] == 27
+    assert rest_client.post("/instances/nope/anonymize", json={}).status_code == 404
