@@ -121,3 +121,33 @@ def test_the_served_node_answers_rest_on_loopback_only(node_factory) -> None:
     listening = Path("/proc/net/tcp").read_text()
     assert f"0100007F:{node.http_port:04X}" in listening  # 127.0.0.1, not 0.0.0.0
     assert f"00000000:{node.http_port:04X}" not in listening
+
+
+def test_children_parents_metadata_changes_and_delete(rest_client: TestClient, rest_archive: Archive,
+                                                      tmp_path: Path) -> None:  # fmt: skip
+    for i in range(3):
+        store_file(rest_archive, make_instance(tmp_path / f"{i}.dcm", patient_id="P8", study_uid="1.8",
+                                               series_uid=f"1.8.{i % 2}", sop_uid=f"1.8.{i % 2}.{i}"))  # fmt: skip
+    ids = resource_ids("P8", "1.8", "1.8.0", "1.8.0.0")
+    series = rest_client.get(f"/studies/{ids.study}/series").json()
+    assert len(series) == 2 and all(s["Type"] == "Series" for s in series)
+    assert len(rest_client.get(f"/patients/{ids.patient}/instances", params={"expand": "false"}).json()) == 3
+    assert rest_client.get(f"/instances/{ids.instance}/study").json()["ID"] == ids.study
+    assert rest_client.get(f"/series/{ids.series}/patient").json()["ID"] == ids.patient
+    meta = rest_client.get(f"/instances/{ids.instance}/metadata", params={"expand": ""}).json()
+    assert meta["Origin"] == "DicomProtocol" and meta["RemoteAET"] == "MOD" and meta["IndexInSeries"] == "1"
+    assert rest_client.get(f"/instances/{ids.instance}/metadata/RemoteAET").text == "MOD"
+    assert rest_client.get(f"/instances/{ids.instance}/metadata/Nope").status_code == 404
+    changes = rest_client.get("/changes", params={"limit": 2}).json()
+    assert [c["ChangeType"] for c in changes["Changes"]] == ["NewPatient", "NewStudy"] and not changes["Done"]
+    rest = rest_client.get("/changes", params={"since": changes["Last"], "limit": 100}).json()
+    assert rest["Done"] and rest["Changes"][-1]["ChangeType"] == "NewInstance"
+    assert rest_client.get("/changes", params={"last": ""}).json()["Changes"] == [rest["Changes"][-1]]
+    gone = rest_client.delete(f"/series/{ids.series}").json()
+    assert gone["RemainingAncestor"] == {"ID": ids.study, "Path": f"/studies/{ids.study}", "Type": "Study"}
+    assert rest_client.get(f"/series/{ids.series}").status_code == 404
+    assert rest_client.get("/statistics").json()["CountInstances"] == 1
+    assert rest_client.delete(f"/patients/{ids.patient}").json() == {"RemainingAncestor": None}
+    assert rest_client.get("/patients").json() == []
+    assert not [p for p in (tmp_path / "storage").glob("??/*")]  # the files went too
+    assert rest_client.delete(f"/patients/{ids.patient}").status_code == 404

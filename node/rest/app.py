@@ -16,10 +16,12 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from peewee import fn
 from pydicom.uid import generate_uid
 from starlette.exceptions import HTTPException
 
 from node import __version__
+from node.archive.models import Change
 from node.archive.query import statistics
 from node.archive.store import Archive
 from node.config import Config
@@ -103,6 +105,25 @@ def create_app(cfg: Config, archive: Archive) -> FastAPI:
         if level not in ("patient", "study", "series", "instance"):
             raise bad_request(f"level must be one of patient, study, series, instance; got {level!r}")
         return str(uuid.uuid4()) if level == "patient" else str(generate_uid())
+
+    @app.get("/changes", summary="The changes log (NewInstance, NewSeries, StableStudy, Deleted…) after 'since'")
+    def changes(since: int = 0, limit: int = 100, last: str | None = None) -> dict[str, Any]:
+        plural = {"Patient": "patients", "Study": "studies", "Series": "series", "Instance": "instances"}
+        with archive.db.connection_context():
+            if last is not None:  # ?last: only the newest change
+                row = Change.select().order_by(Change.seq.desc()).first()
+                rows = [row] if row is not None else []
+            else:
+                if since < 0 or not 0 < limit <= 10000:
+                    raise bad_request("'since' must be >= 0 and 'limit' in 1..10000")
+                rows = list(Change.select().where(Change.seq > since).order_by(Change.seq).limit(limit + 1))
+            done = last is not None or len(rows) <= limit
+            rows = rows[:limit]
+            newest = Change.select(fn.MAX(Change.seq)).scalar() or 0
+        out = [{"ChangeType": c.change_type, "Date": resources.stamp(c.date), "ID": c.public_id,
+                "Path": f"/{plural[c.level]}/{c.public_id}", "ResourceType": c.level, "Seq": c.seq}
+               for c in rows]  # fmt: skip
+        return {"Changes": out, "Done": done, "Last": rows[-1].seq if rows else newest}
 
     app.include_router(resources.router)
     app.include_router(upload.router)

@@ -10,11 +10,11 @@ import json
 from typing import Any
 
 from fastapi import APIRouter, Query, Request
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, PlainTextResponse
 from peewee import Model
 
 from node.archive.models import Instance, Patient, Series, Study
-from node.archive.store import Archive
+from node.archive.store import Archive, delete_instance
 from node.rest.errors import bad_request, unknown_resource
 
 router = APIRouter()
@@ -26,7 +26,7 @@ def _archive(request: Request) -> Archive:
     return request.app.state.archive  # type: ignore[no-any-return]
 
 
-def _stamp(value: dt.datetime | str | None) -> str:
+def stamp(value: dt.datetime | str | None) -> str:
     """Orthanc's ``LastUpdate`` format: ``20261122T130400``."""
     if value is None:
         return ""
@@ -45,19 +45,19 @@ def describe(row: Model) -> dict[str, Any]:
     if isinstance(row, Patient):
         studies = list(Study.select(Study.public_id, Study.stable_pending).where(Study.patient == row.id).tuples())
         return {"ID": row.public_id, "IsStable": not any(p for _, p in studies), "Labels": [],
-                "LastUpdate": _stamp(row.last_update), "MainDicomTags": tags, "Studies": [s for s, _ in studies],
+                "LastUpdate": stamp(row.last_update), "MainDicomTags": tags, "Studies": [s for s, _ in studies],
                 "Type": "Patient"}  # fmt: skip
     if isinstance(row, Study):
         patient = Patient.get_by_id(row.patient_id)
         series = _ids(Series.select(Series.public_id).where(Series.study == row.id).order_by(Series.id))
         return {"ID": row.public_id, "IsStable": not row.stable_pending, "Labels": [],
-                "LastUpdate": _stamp(row.last_update), "MainDicomTags": tags, "ParentPatient": patient.public_id,
+                "LastUpdate": stamp(row.last_update), "MainDicomTags": tags, "ParentPatient": patient.public_id,
                 "PatientMainDicomTags": json.loads(patient.main_tags), "Series": series, "Type": "Study"}  # fmt: skip
     if isinstance(row, Series):
         study = Study.get_by_id(row.study_id)
         instances = _ids(Instance.select(Instance.public_id).where(Instance.series == row.id).order_by(Instance.id))
         return {"ExpectedNumberOfInstances": None, "ID": row.public_id, "Instances": instances,
-                "IsStable": not row.stable_pending, "Labels": [], "LastUpdate": _stamp(row.last_update),
+                "IsStable": not row.stable_pending, "Labels": [], "LastUpdate": stamp(row.last_update),
                 "MainDicomTags": tags, "ParentStudy": study.public_id, "Status": "Unknown",
                 "Type": "Series"}  # fmt: skip
     series = Series.get_by_id(row.series_id)
@@ -116,3 +116,124 @@ def instance_file(request: Request, public_id: str) -> FileResponse:
         row = _get(Instance, public_id, "instances")
     path = archive.storage.locate(row.file_uuid)  # a storage uuid, never a DICOM value
     return FileResponse(path, media_type="application/dicom", filename=f"{public_id}.dcm")
+
+
+# -- children and parents ---------------------------------------------------------------------------------------
+
+#: (child level, how to select the child rows of one parent row)
+_PATH_DOWN = {"patients": ("studies", "series", "instances"), "studies": ("series", "instances"),
+              "series": ("instances",)}  # fmt: skip
+_SINGULAR = {"patients": "patient", "studies": "study", "series": "series", "instances": "instance"}
+
+
+def _children(level: str, row: Model, child_level: str) -> list[Model]:
+    """Every descendant of ``row`` at ``child_level``, in insertion order."""
+    rows: list[Model] = [row]
+    current = level
+    for nxt in _PATH_DOWN[level]:
+        model = LEVELS[nxt]
+        parent_field = {"studies": Study.patient, "series": Series.study, "instances": Instance.series}[nxt]
+        ids = [r.id for r in rows]
+        rows = list(model.select().where(parent_field.in_(ids)).order_by(model.id)) if ids else []
+        current = nxt
+        if current == child_level:
+            return rows
+    raise unknown_resource(f"{child_level} is not below {level}")
+
+
+def _parent(row: Model, parent_level: str) -> Model:
+    if isinstance(row, Instance):
+        row = Series.get_by_id(row.series_id)
+        if parent_level == "series":
+            return row
+    if isinstance(row, Series):
+        row = Study.get_by_id(row.study_id)
+        if parent_level == "studies":
+            return row
+    if isinstance(row, Study):
+        return Patient.get_by_id(row.patient_id)
+    raise unknown_resource(f"no {parent_level} above this resource")
+
+
+def _register_family(level: str) -> None:
+    for child in _PATH_DOWN.get(level, ()):
+
+        def children(request: Request, public_id: str, expand: str | None = None, _child: str = child) -> Any:
+            with _archive(request).db.connection_context():
+                rows = _children(level, _get(LEVELS[level], public_id, level), _child)
+                if expand is not None and expand.lower() == "false":
+                    return [r.public_id for r in rows]
+                return [describe(r) for r in rows]  # Orthanc expands child lists by default
+
+        router.add_api_route(f"/{level}/{{public_id}}/{child}", children, methods=["GET"],
+                             summary=f"The {child} of one of the {level}")  # fmt: skip
+    order = list(LEVELS)
+    for parent in order[: order.index(level)]:
+
+        def parent_of(request: Request, public_id: str, _parent_level: str = parent) -> dict[str, Any]:
+            with _archive(request).db.connection_context():
+                return describe(_parent(_get(LEVELS[level], public_id, level), _parent_level))
+
+        router.add_api_route(f"/{level}/{{public_id}}/{_SINGULAR[parent]}", parent_of, methods=["GET"],
+                             summary=f"The {_SINGULAR[parent]} of one of the {level}")  # fmt: skip
+
+
+for _level in LEVELS:
+    _register_family(_level)
+
+
+@router.get("/instances/{public_id}/metadata", summary="Names (or, with ?expand, values) of an instance's metadata")
+def instance_metadata(request: Request, public_id: str, expand: str | None = None) -> Any:
+    with _archive(request).db.connection_context():
+        row = _get(Instance, public_id, "instances")
+    values = _metadata(row)
+    return values if expand is not None and expand.lower() != "false" else list(values)
+
+
+@router.get("/instances/{public_id}/metadata/{name}", summary="One metadata value of an instance (text)")
+def instance_metadata_value(request: Request, public_id: str, name: str) -> Any:
+    with _archive(request).db.connection_context():
+        row = _get(Instance, public_id, "instances")
+    values = _metadata(row)
+    if name not in values:
+        raise unknown_resource(f"instance {public_id} has no metadata {name!r} (it has: {', '.join(values)})")
+    return PlainTextResponse(values[name])
+
+
+def _metadata(row: Instance) -> dict[str, str]:
+    """Orthanc's instance metadata, from what the index keeps about the instance's reception."""
+    out = {"IndexInSeries": "" if row.index_in_series is None else str(row.index_in_series),
+           "Origin": row.origin, "ReceptionDate": stamp(row.received_at), "RemoteAET": row.remote_aet,
+           "RemoteIP": row.remote_ip, "CalledAET": row.called_aet, "SopClassUid": row.sop_class_uid,
+           "TransferSyntax": row.transfer_syntax}  # fmt: skip
+    return {k: v for k, v in out.items() if v != "" or k in ("RemoteAET", "RemoteIP")}
+
+
+def _delete(level: str, request: Request, public_id: str) -> dict[str, Any]:
+    archive = _archive(request)
+    with archive.db.connection_context():
+        row = _get(LEVELS[level], public_id, level)
+        instances = [row] if level == "instances" else _children(level, row, "instances")
+        parent = None if level == "patients" else _parent(row, list(LEVELS)[list(LEVELS).index(level) - 1])
+        for inst in instances:
+            delete_instance(archive, inst.public_id)
+        remaining = None
+        if parent is not None:
+            still = type(parent).get_or_none(type(parent).public_id == parent.public_id)
+            if still is not None:
+                plural = {Patient: "patients", Study: "studies", Series: "series"}[type(parent)]
+                remaining = {"ID": still.public_id, "Path": f"/{plural}/{still.public_id}",
+                             "Type": type(still).__name__}  # fmt: skip
+    return {"RemainingAncestor": remaining}
+
+
+def _register_delete(level: str) -> None:
+    def delete(request: Request, public_id: str) -> dict[str, Any]:
+        return _delete(level, request, public_id)
+
+    router.add_api_route(f"/{level}/{{public_id}}", delete, methods=["DELETE"],
+                         summary=f"Delete one of the {level} (files and index rows)")  # fmt: skip
+
+
+for _level in LEVELS:
+    _register_delete(_level)
