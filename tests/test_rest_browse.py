@@ -151,3 +151,16 @@ def test_children_parents_metadata_changes_and_delete(rest_client: TestClient, r
     assert rest_client.get("/patients").json() == []
     assert not [p for p in (tmp_path / "storage").glob("??/*")]  # the files went too
     assert rest_client.delete(f"/patients/{ids.patient}").status_code == 404
+
+
+def test_lookup_finds_resources_by_identifier(rest_client: TestClient, rest_archive: Archive, tmp_path: Path) -> None:
+    store_file(rest_archive, make_instance(tmp_path / "a.dcm", patient_id="P3", study_uid="1.3", series_uid="1.3.1",
+                                           sop_uid="1.3.1.1", AccessionNumber="ACC3"))  # fmt: skip
+    ids = resource_ids("P3", "1.3", "1.3.1", "1.3.1.1")
+    assert rest_client.post("/tools/lookup", content=b"1.3").json() == [
+        {"ID": ids.study, "Path": f"/studies/{ids.study}", "Type": "Study"}]  # fmt: skip
+    assert rest_client.post("/tools/lookup", content=b"ACC3").json()[0]["ID"] == ids.study
+    assert rest_client.post("/tools/lookup", content=b"P3").json()[0]["Type"] == "Patient"
+    assert rest_client.post("/tools/lookup", content=b"1.3.1.1").json()[0]["ID"] == ids.instance
+    assert rest_client.post("/tools/lookup", content=b"9.9").json() == []
+    assert rest_client.post("/tools/lookup", content=b"").status_code == 400

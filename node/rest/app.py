@@ -21,7 +21,7 @@ from pydicom.uid import generate_uid
 from starlette.exceptions import HTTPException
 
 from node import __version__
-from node.archive.models import Change
+from node.archive.models import Change, Instance, Patient, Series, Study
 from node.archive.query import statistics
 from node.archive.store import Archive
 from node.config import Config
@@ -124,6 +124,22 @@ def create_app(cfg: Config, archive: Archive) -> FastAPI:
                 "Path": f"/{plural[c.level]}/{c.public_id}", "ResourceType": c.level, "Seq": c.seq}
                for c in rows]  # fmt: skip
         return {"Changes": out, "Done": done, "Last": rows[-1].seq if rows else newest}
+
+    @app.post("/tools/lookup", summary="The resources whose PatientID, AccessionNumber or UID is the body")
+    async def lookup(request: Request) -> list[dict[str, str]]:
+        value = (await request.body()).decode("utf-8", "replace").strip()
+        if not value:
+            raise bad_request("send the identifier to look up (PatientID, AccessionNumber or a UID) as the body")
+        found = []
+        with archive.db.connection_context():
+            for model, column, plural in (
+                (Patient, Patient.patient_id, "patients"), (Study, Study.study_uid, "studies"),
+                (Study, Study.accession_number, "studies"), (Series, Series.series_uid, "series"),
+                (Instance, Instance.sop_uid, "instances"),
+            ):  # fmt: skip
+                for (public_id,) in model.select(model.public_id).where(column == value).tuples():
+                    found.append({"ID": public_id, "Path": f"/{plural}/{public_id}", "Type": model.__name__})
+        return found
 
     app.include_router(resources.router)
     app.include_router(upload.router)
