@@ -56,10 +56,14 @@ def test_claims_are_fifo_exclusive_and_limited_per_destination(archive: Archive)
     assert states(archive) == {"claimed": 18}
 
 
-def test_a_worker_keeps_to_its_destination_when_it_has_work(archive: Archive) -> None:
-    queue(archive, 2, destination="a")
-    queue(archive, 2, destination="b")
-    assert {d.destination for d in claim(archive, prefer="b")} == {"b"}
+def test_a_renewed_lease_is_not_reclaimed_and_a_stale_claim_renews_nothing(archive: Archive) -> None:
+    queue(archive, 2)
+    rows = claim(archive, lease_s=1)
+    outbox.renew(archive.db, rows, lease_s=60)
+    assert outbox.reclaim_expired(archive.db, now=utcnow() + dt.timedelta(seconds=30)) == 0
+    queue(archive, 2)  # queued again: the old claim's renewal must not touch the new rows
+    outbox.renew(archive.db, rows, lease_s=600)
+    assert {(r.state, r.lease_until) for r in Outbox.select()} == {("pending", None)}
 
 
 def test_expired_leases_and_a_dead_workers_claims_come_back(archive: Archive) -> None:

@@ -166,6 +166,7 @@ class Outbox(BaseModel):
         indexes = (
             (("instance", "rule", "destination"), True),
             (("state", "destination", "next_attempt"), False),
+            (("state", "next_attempt"), False),  # the workers' "anything due?" poll
         )
 
 

@@ -112,18 +112,16 @@ def worth_claiming(db: Database, batch: int, linger_s: float, now: dt.datetime |
     claim and a commit per two or three instances. Waiting a fraction of a second fills the batch instead.
     """
     now = now or utcnow()
-    row = (
-        Outbox.select(fn.COUNT(Outbox.id), fn.MIN(Outbox.next_attempt))
+    # At most ``batch`` index entries read (index state, next_attempt): a large backlog costs no more per poll.
+    due = [
+        t for (t,) in Outbox.select(Outbox.next_attempt)
         .where((Outbox.state == PENDING) & (Outbox.next_attempt <= now))
-        .tuples()
-        .first()
-    )
-    if row is None or not row[0]:
+        .order_by(Outbox.next_attempt).limit(batch).tuples()
+    ]  # fmt: skip
+    if not due:
         return False
-    count, oldest = row
-    if isinstance(oldest, str):
-        oldest = dt.datetime.fromisoformat(oldest)
-    return count >= batch or (now - oldest).total_seconds() >= linger_s
+    oldest = dt.datetime.fromisoformat(due[0]) if isinstance(due[0], str) else due[0]
+    return len(due) >= batch or (now - oldest).total_seconds() >= linger_s
 
 
 def claim(
@@ -133,14 +131,12 @@ def claim(
     lease_s: float,
     limit: int,
     max_per_destination: int,
-    prefer: str | None = None,
     now: dt.datetime | None = None,
 ) -> list[Delivery]:
     """Claim up to ``limit`` due rows of one destination, oldest first.
 
-    The destination is ``prefer`` (the one this worker holds an open association to) when it has due rows,
-    else the one with the oldest due row, skipping destinations that already have ``max_per_destination``
-    live claims (that is the number of parallel associations a destination gets).
+    The destination is the one with the oldest due row, skipping destinations that already have
+    ``max_per_destination`` live claims (that is the number of parallel associations a destination gets).
     """
     now = now or utcnow()
     token = str(uuid.uuid4())
@@ -160,7 +156,7 @@ def claim(
         ]  # fmt: skip
         if not candidates:
             return []
-        destination = prefer if prefer in candidates else candidates[0]
+        destination = candidates[0]
         ids = [
             i for (i,) in Outbox.select(Outbox.id).where(due & (Outbox.destination == destination))
             .order_by(Outbox.id).limit(limit).tuples()
@@ -301,11 +297,6 @@ def delivered_by(db: Database, instance: str, rules: set[str]) -> bool:
         .where((Outbox.instance == instance) & (Outbox.state == DONE) & Outbox.rule.in_(list(rules)))
         .exists()
     )
-
-
-def open_for_instance(db: Database, instance: str) -> int:
-    """Rows of an instance that are not delivered yet (a source is deleted only when this reaches 0)."""
-    return Outbox.select().where((Outbox.instance == instance) & (Outbox.state != DONE)).count()
 
 
 @dataclass

@@ -1,5 +1,5 @@
-"""C-STORE to a destination AE for the routing workers: one association reused across batches, contexts built
-from what is to be sent, and a fallback to an uncompressed transfer syntax when the destination refuses the
+"""C-STORE to a destination AE for the routing workers: one association per batch, contexts built from what
+is to be sent, and a fallback to an uncompressed transfer syntax when the destination refuses the
 instance's own.
 
 For each (SOP class, transfer syntax) to send we propose three presentation contexts: the instance's own
@@ -128,26 +128,20 @@ def _on_connect(event: evt.Event) -> None:
 
 @dataclass
 class Connection:
-    """An association to one destination, opened on demand and kept while what is sent fits its contexts."""
+    """An association to one destination, opened for a batch (:meth:`open`) and released after it: a
+    destination that takes one association at a time would otherwise keep the other workers waiting."""
 
     target: Target
     calling_aet: str
     timeout: float = 30
     max_pdu: int = 0
     assoc: Association | None = None
-    proposed: set[tuple[str, str]] = field(default_factory=set)
     accepted: dict[tuple[str, str], bool] = field(default_factory=dict)
     message_id: int = 0
 
-    @property
-    def is_open(self) -> bool:
-        return self.assoc is not None and self.assoc.is_established
-
-    def ensure(self, items: list[Outgoing]) -> None:
-        """Have an open association whose proposal covers ``items`` (reuse the current one when it does)."""
+    def open(self, items: list[Outgoing]) -> None:
+        """Associate, proposing the contexts ``items`` need."""
         needed = contexts_for(items)
-        if self.is_open and needed <= self.proposed:
-            return
         self.close()
         if len(needed) > MAX_CONTEXTS:
             raise ValueError(f"{len(needed)} presentation contexts needed; at most {MAX_CONTEXTS} per association")
@@ -168,12 +162,11 @@ class Connection:
         no_reactor_reads(assoc)
         _direct_send(assoc)
         self.assoc = assoc
-        self.proposed = needed
         self.accepted = {(cx.abstract_syntax, cx.transfer_syntax[0]): True for cx in assoc.accepted_contexts}
         self.message_id = 0
 
     def send(self, item: Outgoing, convert: Convert) -> Sent:
-        """C-STORE one instance (after :meth:`ensure` covered it)."""
+        """C-STORE one instance (of the items :meth:`open` was given)."""
         assoc = self.assoc
         if assoc is None or not assoc.is_established:
             return Sent(False, None, "association lost", association_lost=True)
@@ -218,7 +211,6 @@ class Connection:
             if self.assoc.is_established:
                 self.assoc.release()
             self.assoc = None
-        self.proposed = set()
         self.accepted = {}
 
 

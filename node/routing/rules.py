@@ -322,19 +322,22 @@ def deliveries(routes: Iterable[Route], trigger: str, ds: Dataset | None, origin
     return [(r.name, d) for r in matching(routes, trigger, ds, origin) for d in r.destinations]
 
 
-def deliveries_for_file(routes: Iterable[Route], path: str, origin: Origin) -> list[tuple[str, str]]:
-    """The Instance-trigger deliveries of a file about to be stored (the receiver's and the REST upload's).
+def deliveries_for_file(
+    routes: Iterable[Route], path: str, origin: Origin, trigger: str = "Instance"
+) -> list[tuple[str, str]]:
+    """The deliveries of ``trigger``'s rules for one file (the receiver's and the REST upload's, about to be
+    stored; the stable scheduler's, stored).
 
     The header (no pixel data) is read only when a filter looks at tags; raises ``MalformedDataset`` when it
-    cannot be read (the instance is refused rather than stored unrouted).
+    cannot be read.
     """
-    instance_rules = [r for r in routes if r.trigger == "Instance"]
-    if not instance_rules:
+    trigger_rules = [r for r in routes if r.trigger == trigger]
+    if not trigger_rules:
         return []
     ds = None
-    if any(r.filter.needs_dataset for r in instance_rules):
+    if any(r.filter.needs_dataset for r in trigger_rules):
         try:
             ds = read_header(path)
         except Exception as exc:
             raise MalformedDataset(f"cannot read the dataset for the routing rules: {exc}") from exc
-    return deliveries(instance_rules, "Instance", ds, origin)
+    return deliveries(trigger_rules, trigger, ds, origin)

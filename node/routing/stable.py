@@ -24,7 +24,7 @@ from node.archive.db import write_transaction
 from node.archive.models import Change, Instance, Series, Study, utcnow
 from node.archive.outbox import enqueue
 from node.archive.store import Archive
-from node.dicom.fileio import read_header
+from node.dicom.maintags import MalformedDataset
 from node.logs import get as get_logger
 from node.routing import rules
 
@@ -69,14 +69,12 @@ def route_instance(
     """The deliveries of ``trigger_rules`` for one archived instance (its header read only if a filter needs it)."""
     if inst.origin == ROUTING_ORIGIN:
         return []
-    ds = None
-    if any(r.filter.needs_dataset for r in trigger_rules):
-        try:
-            ds = read_header(archive.storage.locate(inst.file_uuid))
-        except Exception as exc:  # noqa: BLE001 - an unreadable file matches no tag filter; say so
-            log.warning("cannot read an instance for the routing filters", instance=inst.public_id, error=str(exc))
     where = rules.Origin(inst.remote_aet, inst.called_aet, inst.remote_ip)
-    return rules.deliveries(trigger_rules, trigger, ds, where)
+    try:
+        return rules.deliveries_for_file(trigger_rules, str(archive.storage.locate(inst.file_uuid)), where, trigger)
+    except MalformedDataset as exc:  # stored already: it matches no tag filter, and the log says why
+        log.warning("cannot read an instance for the routing filters", instance=inst.public_id, error=str(exc))
+        return rules.deliveries(trigger_rules, trigger, None, where)
 
 
 def fire(

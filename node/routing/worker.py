@@ -1,8 +1,8 @@
 """The routing workers: claim outbox rows, transform each instance with its rule, C-STORE it, record the outcome.
 
 ``serve`` runs ``RoutingWorkers`` of these processes (restarted when one dies; its rows are released at once).
-Each works one destination at a time over one association that it keeps while there is work for that
-destination, so a destination gets at most ``RoutingAssociationsPerDestination`` parallel associations. Worker
+Each claims a batch of one destination, transforms it, then sends it over one association released after the
+batch; a destination gets at most ``RoutingAssociationsPerDestination`` parallel associations. Worker
 0 also runs the stable-series/study scheduler and the housekeeping (expired leases, old delivered rows).
 
 Every transition is one structured log event with the rule, the destination, the instance and the attempt:
@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from pydicom import config as pydicom_config
 from pydicom.errors import InvalidDicomError
@@ -43,8 +44,6 @@ log = logs.get("dicom-node.routing")
 POLL_S = 0.05
 #: A partial batch is claimed once its oldest row has waited this long (a full one at once).
 LINGER_S = 0.3
-#: An association with nothing to send is released after this long.
-IDLE_RELEASE_S = 5.0
 SCHEDULER_EVERY_S = 1.0
 DONE_RETENTION = dt.timedelta(days=7)
 #: Errors that no retry can cure: the row is dead at once.
@@ -66,7 +65,6 @@ class Worker:
     transformer: Transformer
     policy: outbox.RetryPolicy
     connections: dict[str, Connection] = field(default_factory=dict)
-    last_used: dict[str, float] = field(default_factory=dict)
 
     @property
     def stable_rules(self) -> bool:
@@ -80,14 +78,12 @@ class Worker:
     def step(self) -> bool:
         """Claim and carry out one batch; False when there was nothing to do."""
         if not outbox.worth_claiming(self.db, self.cfg["RoutingBatchSize"], LINGER_S):
-            self._release_idle()
             return False
         batch = outbox.claim(
             self.db, self.name, lease_s=self.cfg["RoutingLeaseTimeout"], limit=self.cfg["RoutingBatchSize"],
             max_per_destination=self.cfg["RoutingAssociationsPerDestination"],
         )  # fmt: skip
         if not batch:
-            self._release_idle()
             return False
         destination = batch[0].destination
         rows = {r.public_id: r for r in Instance.select().where(Instance.public_id.in_([d.instance for d in batch]))}
@@ -113,7 +109,6 @@ class Worker:
             log.exception("routing batch failed", destination=destination, error=str(exc))
             with contextlib.suppress(Exception):
                 self._failed(outbox.held(self.db, batch), f"{type(exc).__name__}: {exc}", None)
-        self.last_used[destination] = time.monotonic()
         return True
 
     # -- forwarding ---------------------------------------------------------------------------------------
@@ -158,7 +153,7 @@ class Worker:
         """One association for the batch; done rows are recorded together (one commit, not one per instance)."""
         conn = self._connection(destination)
         try:
-            conn.ensure([item for _, _, item, _ in ready])
+            conn.open([item for _, _, item, _ in ready])
         except (AssociationFailed, OSError, ValueError) as exc:
             conn.close()
             outcomes = self._failed([d for d, *_ in ready], str(exc), None)
@@ -211,12 +206,6 @@ class Worker:
             return self.transformer.convert(item.path, syntax).path
 
         return convert
-
-    def _release_idle(self) -> None:
-        now = time.monotonic()
-        for dest, conn in self.connections.items():
-            if conn.is_open and now - self.last_used.get(dest, 0) > IDLE_RELEASE_S:
-                conn.close()
 
     # -- storing into our own archive (a rule without Forward) -------------------------------------------
     def _store_locally(self, work: list[tuple[outbox.Delivery, Instance, Route]]) -> None:
@@ -300,14 +289,12 @@ def _output_syntax(row: Instance, route: Route) -> str:
     return target or row.transfer_syntax
 
 
-class Stop:
+class Stop(Protocol):
     """What the worker loop polls (a :class:`node.serve.StopFlag`)."""
 
-    def is_set(self) -> bool:  # pragma: no cover - protocol
-        raise NotImplementedError
+    def is_set(self) -> bool: ...
 
-    def wait(self, timeout: float) -> bool:  # pragma: no cover - protocol
-        raise NotImplementedError
+    def wait(self, timeout: float) -> bool: ...
 
 
 def run(cfg: Config, archive: Archive, stop: Stop, slot: str, scheduler: bool) -> None:
