@@ -57,6 +57,8 @@ DEFAULTS: dict[str, Any] = {
     "RoutingLeaseTimeout": 120,
     "RoutingAssociationsPerDestination": 2,
     "RoutingBatchSize": 32,
+    "ConcurrentJobs": 2,
+    "JobsProcesses": 0,
 }
 
 #: Keys of Orthanc 1.10's configuration (and its common plugin sections) that we accept but do not implement
@@ -342,14 +344,15 @@ def _validate(values: dict[str, Any], source: str, base_dir: Path, warnings: lis
     except RouteError as exc:
         raise ConfigError(f"{source}: key 'Routes': {exc}") from None
     routes = tuple(_resolve_key_file(r, base_dir, source) for r in routes)
-    for key in ("RoutingMaxAttempts", "RoutingLeaseTimeout", "RoutingAssociationsPerDestination"):
+    for key in ("RoutingMaxAttempts", "RoutingLeaseTimeout", "RoutingAssociationsPerDestination", "ConcurrentJobs"):
         if values[key] < 1:
             raise ConfigError(f"{source}: key {key!r} must be at least 1, got {values[key]}")
     if not 1 <= values["RoutingBatchSize"] <= 40:
         raise ConfigError(f"{source}: key 'RoutingBatchSize' must be 1..40 (an association carries at most 128 "
                           f"presentation contexts, 3 per instance), got {values['RoutingBatchSize']}")  # fmt: skip
-    if values["RoutingWorkers"] < 0:
-        raise ConfigError(f"{source}: key 'RoutingWorkers' must be 0 (one per core) or more")
+    for key in ("RoutingWorkers", "JobsProcesses"):
+        if values[key] < 0:
+            raise ConfigError(f"{source}: key {key!r} must be 0 (one per core) or more")
     if not 0 < values["RoutingRetryDelay"] <= values["RoutingRetryMaxDelay"]:
         raise ConfigError(f"{source}: keys 'RoutingRetryDelay' and 'RoutingRetryMaxDelay' must satisfy "
                           f"0 < RoutingRetryDelay <= RoutingRetryMaxDelay")  # fmt: skip

@@ -69,8 +69,8 @@ def migrate(db: Database, from_version: int) -> None:
     """Bring an older index up to :data:`SCHEMA_VERSION` (called inside the opening transaction).
 
     1 → 2 only added the Pseudonym table, which ``create_tables(safe=True)`` creates next (as it does 3's
-    Outbox). 2 → 3 adds the stability columns to Series and Study; resources already there start *stable*, so
-    switching on a StableStudy rule does not forward the whole existing archive.
+    Outbox and 4's Metadata). 2 → 3 adds the stability columns to Series and Study; resources already there
+    start *stable*, so switching on a StableStudy rule does not forward the whole existing archive.
     """
     if from_version < 1:
         raise SchemaError(f"no migration from schema version {from_version} to {SCHEMA_VERSION}")

@@ -14,6 +14,7 @@ from peewee import (
     BigIntegerField,
     BooleanField,
     CharField,
+    CompositeKey,
     DatabaseProxy,
     DateTimeField,
     ForeignKeyField,
@@ -25,7 +26,7 @@ from peewee import (
 database = DatabaseProxy()
 
 #: Bumped whenever the tables change; :func:`node.archive.db.migrate` knows how to get from each older one.
-SCHEMA_VERSION = 3  # 2: Pseudonym; 3: Outbox, stability columns of Series and Study
+SCHEMA_VERSION = 4  # 2: Pseudonym; 3: Outbox, stability columns of Series and Study; 4: Metadata
 
 
 def utcnow() -> dt.datetime:
@@ -170,4 +171,19 @@ class Outbox(BaseModel):
         )
 
 
-ALL_MODELS = (Patient, Study, Series, Instance, Change, Property, Garbage, Pseudonym, Outbox)
+class Metadata(BaseModel):
+    """Orthanc's metadata of a resource at any level beyond what the index columns hold: ``ModifiedFrom`` and
+    ``AnonymizedFrom`` (the resource a job made this one from), which scripts use to avoid re-processing.
+
+    Orthanc's public IDs do not collide across levels (they hash different strings), so the ID is the key.
+    """
+
+    public_id = CharField(max_length=44)
+    name = CharField(max_length=64)
+    value = TextField()
+
+    class Meta:
+        primary_key = CompositeKey("public_id", "name")
+
+
+ALL_MODELS = (Patient, Study, Series, Instance, Change, Property, Garbage, Pseudonym, Outbox, Metadata)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -19,7 +19,7 @@ from typing import Literal
 from peewee import Database, IntegrityError
 
 from node.archive.db import open_index, write_transaction
-from node.archive.models import Change, Garbage, Instance, Outbox, Patient, Series, Study, utcnow
+from node.archive.models import Change, Garbage, Instance, Metadata, Outbox, Patient, Series, Study, utcnow
 from node.archive.outbox import enqueue
 from node.archive.storage import FileStorage, SpoolFile
 from node.dicom.ids import ResourceIds, resource_ids
@@ -182,7 +182,8 @@ def _parents(
 
 
 def _index(archive: Archive, spool: SpoolFile, tags: IndexTags, ids: ResourceIds, origin: Origin, now: dt.datetime,
-           use_cache: bool, deliveries: Sequence[tuple[str, str]]) -> tuple[StoreStatus, str | None, str]:  # fmt: skip
+           use_cache: bool, deliveries: Sequence[tuple[str, str]],
+           metadata: Mapping[str, str]) -> tuple[StoreStatus, str | None, str]:  # fmt: skip
     """The index transaction. Returns (status, replaced file uuid, file uuid the index now points to)."""
     db = archive.db
     with write_transaction(db):
@@ -219,6 +220,11 @@ def _index(archive: Archive, spool: SpoolFile, tags: IndexTags, ids: ResourceIds
             if cursor.rowcount != 1:
                 raise _StaleCache
         changes.append(("NewInstance", "Instance", ids.instance))
+        if row is not None or metadata:
+            db.execute_sql(_sql(db, 'DELETE FROM "metadata" WHERE public_id = ?'), (ids.instance,))
+        for name, value in metadata.items():
+            db.execute_sql(_sql(db, 'INSERT INTO "metadata" (public_id, name, value) VALUES (?, ?, ?)'),
+                           (ids.instance, name, value))  # fmt: skip
         for change_type, level, public_id in changes:
             db.execute_sql(
                 _sql(db, 'INSERT INTO "change" (change_type, level, public_id, date) VALUES (?, ?, ?, ?)'),
@@ -229,7 +235,12 @@ def _index(archive: Archive, spool: SpoolFile, tags: IndexTags, ids: ResourceIds
 
 
 def store(
-    archive: Archive, spool: SpoolFile, tags: IndexTags, origin: Origin, deliveries: Sequence[tuple[str, str]] = ()
+    archive: Archive,
+    spool: SpoolFile,
+    tags: IndexTags,
+    origin: Origin,
+    deliveries: Sequence[tuple[str, str]] = (),
+    metadata: Mapping[str, str] | None = None,
 ) -> StoreResult:
     """Make a spooled instance part of the archive (see the module docstring for the guarantees).
 
@@ -239,7 +250,9 @@ def store(
 
     Raises ``OSError`` (disk) or a peewee error (database) with nothing half-done: the spool file is removed
     and no row is committed.  Each thread keeps its own database connection open between calls.
+    ``metadata`` (``ModifiedFrom``…) is written with the instance, replacing what an overwritten copy had.
     """
+    metadata = metadata or {}
     storage = archive.storage
     ids = resource_ids(tags.patient_id, tags.study_uid, tags.series_uid, tags.sop_uid)
     try:
@@ -250,10 +263,10 @@ def store(
     try:
         archive.db.connect(reuse_if_open=True)
         try:
-            status, old_uuid, uuid = _index(archive, spool, tags, ids, origin, now, True, deliveries)
+            status, old_uuid, uuid = _index(archive, spool, tags, ids, origin, now, True, deliveries, metadata)
         except (IntegrityError, _StaleCache):
             archive.series_cache.pop(ids.series, None)  # a parent changed under our cache, or a concurrent insert
-            status, old_uuid, uuid = _index(archive, spool, tags, ids, origin, now, False, deliveries)
+            status, old_uuid, uuid = _index(archive, spool, tags, ids, origin, now, False, deliveries, metadata)
     except BaseException:
         storage.discard_spool(spool.uuid)
         raise
@@ -333,6 +346,7 @@ def delete_instance(archive: Archive, public_id: str, unless_queued: bool = Fals
                     changes.append(("Deleted", "Patient", patient.public_id))
         for change_type, level, pid in changes:
             Change.create(change_type=change_type, level=level, public_id=pid, date=now)
+        Metadata.delete().where(Metadata.public_id.in_([pid for _, _, pid in changes])).execute()
     archive.series_cache.clear()
     try:
         archive.storage.delete(uuid)

@@ -52,6 +52,9 @@ class AutoPatientName:
     def __repr__(self) -> str:
         return "Anonymized<N>"
 
+    def __reduce__(self) -> str:
+        return "AUTO_PATIENT_NAME"  # unpickled as the module's one instance: apply() compares with ``is``
+
 
 AUTO_PATIENT_NAME = AutoPatientName()
 

@@ -13,7 +13,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import FileResponse, PlainTextResponse
 from peewee import Model
 
-from node.archive.models import Instance, Patient, Series, Study
+from node.archive.models import Instance, Metadata, Patient, Series, Study
 from node.archive.store import Archive, delete_instance
 from node.rest.errors import bad_request, unknown_resource
 
@@ -182,31 +182,48 @@ for _level in LEVELS:
     _register_family(_level)
 
 
-@router.get("/instances/{public_id}/metadata", summary="Names (or, with ?expand, values) of an instance's metadata")
-def instance_metadata(request: Request, public_id: str, expand: str | None = None) -> Any:
-    with _archive(request).db.connection_context():
-        row = _get(Instance, public_id, "instances")
-    values = _metadata(row)
-    return values if expand is not None and expand.lower() != "false" else list(values)
+def _register_metadata(level: str) -> None:
+    def names(request: Request, public_id: str, expand: str | None = None) -> Any:
+        with _archive(request).db.connection_context():
+            values = _metadata(_get(LEVELS[level], public_id, level))
+        return values if expand is not None and expand.lower() != "false" else list(values)
+
+    def value(request: Request, public_id: str, name: str) -> Any:
+        with _archive(request).db.connection_context():
+            values = _metadata(_get(LEVELS[level], public_id, level))
+        if name not in values:
+            raise unknown_resource(f"{level} {public_id} has no metadata {name!r} (it has: {', '.join(values)})")
+        return PlainTextResponse(values[name])
+
+    router.add_api_route(
+        f"/{level}/{{public_id}}/metadata",
+        names,
+        methods=["GET"],
+        summary=f"Names (or, with ?expand, values) of the metadata of one of the {level}",
+    )
+    router.add_api_route(f"/{level}/{{public_id}}/metadata/{{name}}", value, methods=["GET"],
+                         summary=f"One metadata value of one of the {level} (text)")  # fmt: skip
 
 
-@router.get("/instances/{public_id}/metadata/{name}", summary="One metadata value of an instance (text)")
-def instance_metadata_value(request: Request, public_id: str, name: str) -> Any:
-    with _archive(request).db.connection_context():
-        row = _get(Instance, public_id, "instances")
-    values = _metadata(row)
-    if name not in values:
-        raise unknown_resource(f"instance {public_id} has no metadata {name!r} (it has: {', '.join(values)})")
-    return PlainTextResponse(values[name])
+def _metadata(row: Model) -> dict[str, str]:
+    """Orthanc's metadata: for an instance, what the index keeps about its reception; at every level,
+    ``LastUpdate`` where kept, and the rows of the Metadata table (``ModifiedFrom``, ``AnonymizedFrom``)."""
+    out: dict[str, str] = {}
+    if isinstance(row, Instance):
+        out = {"IndexInSeries": "" if row.index_in_series is None else str(row.index_in_series),
+               "Origin": row.origin, "ReceptionDate": stamp(row.received_at), "RemoteAET": row.remote_aet,
+               "RemoteIP": row.remote_ip, "CalledAET": row.called_aet, "SopClassUid": row.sop_class_uid,
+               "TransferSyntax": row.transfer_syntax}  # fmt: skip
+        out = {k: v for k, v in out.items() if v != "" or k in ("RemoteAET", "RemoteIP")}
+    else:
+        out["LastUpdate"] = stamp(row.last_update)
+    rows = Metadata.select(Metadata.name, Metadata.value).where(Metadata.public_id == row.public_id)
+    out.update(dict(rows.tuples()))
+    return out
 
 
-def _metadata(row: Instance) -> dict[str, str]:
-    """Orthanc's instance metadata, from what the index keeps about the instance's reception."""
-    out = {"IndexInSeries": "" if row.index_in_series is None else str(row.index_in_series),
-           "Origin": row.origin, "ReceptionDate": stamp(row.received_at), "RemoteAET": row.remote_aet,
-           "RemoteIP": row.remote_ip, "CalledAET": row.called_aet, "SopClassUid": row.sop_class_uid,
-           "TransferSyntax": row.transfer_syntax}  # fmt: skip
-    return {k: v for k, v in out.items() if v != "" or k in ("RemoteAET", "RemoteIP")}
+for _level in LEVELS:
+    _register_metadata(_level)
 
 
 def _delete(level: str, request: Request, public_id: str) -> dict[str, Any]:

@@ -1,0 +1,392 @@
+"""Rewrite stored instances into new stored instances: the engine of modify/anonymize/split/merge jobs.
+
+Each source file is loaded, transformed and written as a spool file of the archive by a pool of worker
+*processes* (Python transforms one instance per core at a time; two cores anonymize a study twice as fast),
+then indexed by the calling thread with :func:`~node.archive.store.store`, one transaction per instance, the
+same path every received instance takes. The workers agree on every new UID without talking to each other:
+the job's UID map is a :class:`~node.dicom.uidmap.KeyedUidMap` with a key drawn for the job (Orthanc's
+per-request map, spread over processes).
+
+The pool is shared by every job of the process and started from a *forkserver*, never by forking the server
+itself (a fork of a multi-threaded process can inherit a held lock). A worker that dies (a native codec that
+aborts) breaks only the chunk it held: the pool is rebuilt and the job fails naming the file, the server lives.
+
+A job stores nothing half-way: :func:`rollback` removes the instances a failed or cancelled job had stored
+(never one that was there before it: ``AlreadyStored`` outputs and in-place overwrites are kept).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import multiprocessing
+import os
+import threading
+import uuid as uuidlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from pydicom import config as pydicom_config
+from pydicom.datadict import dictionary_VR
+from pydicom.dataelem import DataElement
+from pydicom.uid import generate_uid
+
+from node.archive.db import write_transaction
+from node.archive.models import Patient, Series, Study
+from node.archive.storage import SPOOL_SUFFIX
+from node.archive.store import Archive, Origin, StoreResult, delete_instance, store
+from node.dicom import fileio
+from node.dicom.apply import apply
+from node.dicom.errors import RequestError
+from node.dicom.ids import resource_ids
+from node.dicom.levels import Level
+from node.dicom.maintags import IndexTags, MalformedDataset, read_index_tags
+from node.dicom.request import Modification
+from node.dicom.transcode import transcode
+from node.dicom.uidmap import KeyedUidMap
+
+STUDY_UID, SERIES_UID, SOP_UID = 0x0020000D, 0x0020000E, 0x00080018
+
+
+class RewriteError(Exception):
+    """One instance could not be rewritten; the message names the source instance and the reason."""
+
+
+class Transform(Protocol):
+    """Picklable: changes one loaded instance in place, returns the output transfer syntax (None: same)."""
+
+    def __call__(self, loaded: fileio.Loaded, cache: dict[Any, Any]) -> str | None: ...
+
+
+@dataclass(frozen=True)
+class ModifyTransform:
+    """An Orthanc ``/modify`` or ``/anonymize`` request (spec §4.2)."""
+
+    mod: Modification
+    key: bytes
+    name_counter: int | None = None
+
+    def __call__(self, loaded: fileio.Loaded, cache: dict[Any, Any]) -> str | None:
+        uid_map = cache.get(("map", self.key))
+        if uid_map is None:
+            uid_map = cache[("map", self.key)] = KeyedUidMap(self.key)
+        apply(loaded.ds, self.mod, uid_map, patient_name_counter=self.name_counter,
+              sequence_cache=cache.setdefault(("seq", self.key), {}))  # fmt: skip
+        if self.mod.transcode and self.mod.transcode != loaded.transfer_syntax:
+            # Orthanc (§4.2): in a job the SOPInstanceUID stays the modified one, even after a lossy transcode.
+            transcode(loaded.ds, self.mod.transcode)
+            return self.mod.transcode
+        return None
+
+
+@dataclass(frozen=True)
+class MoveTransform:
+    """Split or merge (spec §4.4): set study-level tags, one new series UID per source series (derived from
+    the job's key, so every worker agrees) and a fresh random SOPInstanceUID per instance."""
+
+    key: bytes
+    remove: tuple[int, ...] = ()
+    #: tag -> value; ``None`` removes the tag (merge: the target study has no value for it)
+    replace: tuple[tuple[int, str | None], ...] = ()
+
+    def __call__(self, loaded: fileio.Loaded, cache: dict[Any, Any]) -> str | None:
+        ds = loaded.ds
+        for tag in self.remove:
+            if tag in ds:
+                del ds[tag]
+        for tag, value in self.replace:
+            if value is None:
+                if tag in ds:
+                    del ds[tag]
+            else:
+                ds[tag] = DataElement(tag, dictionary_VR(tag), value)
+        uid_map = cache.get(("map", self.key))
+        if uid_map is None:
+            uid_map = cache[("map", self.key)] = KeyedUidMap(self.key)
+        ds.SeriesInstanceUID = uid_map.map(Level.SERIES, str(ds.get("SeriesInstanceUID", "") or ""))
+        ds.SOPInstanceUID = generate_uid()
+        if hasattr(ds, "file_meta"):
+            ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        return None
+
+
+@dataclass(frozen=True)
+class Written:
+    """A rewritten instance, spooled and fsynced by a worker, waiting to be indexed."""
+
+    source: str  # public ID of the source instance
+    uuid: str
+    size: int
+    sha256: str
+    tags: IndexTags
+
+
+@dataclass
+class _DoneSpool:
+    """What :func:`store` needs of a spool file another process wrote (and already made durable)."""
+
+    uuid: str
+    name: str
+    size: int
+    sha256: str
+    error: OSError | None = None
+    committed: bool = False
+
+    def sync(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+# ---------------------------------------------------------------- worker side
+
+_cache: dict[Any, Any] = {}
+
+
+def _rewrite_one(transform: Transform, source: str, path: str, spool_dir: str, sync: bool) -> Written:
+    try:
+        loaded = fileio.load(path)
+    except Exception as exc:  # noqa: BLE001 - reported, the job decides
+        raise RewriteError(f"instance {source}: cannot read its file: {type(exc).__name__}: {exc}") from None
+    try:
+        syntax = transform(loaded, _cache)
+        chunks = fileio.encode(loaded, syntax)
+    except RequestError as exc:
+        raise RewriteError(f"instance {source}: {exc}") from None
+    except Exception as exc:  # noqa: BLE001
+        raise RewriteError(f"instance {source}: {type(exc).__name__}: {exc}") from None
+    uuid = str(uuidlib.uuid4())
+    out = os.path.join(spool_dir, uuid + SPOOL_SUFFIX)
+    digest = hashlib.sha256()
+    size = 0
+    try:
+        with open(out, "xb") as fh:
+            for chunk in chunks:
+                fh.write(chunk)
+                digest.update(chunk)
+                size += len(chunk)
+            if sync:
+                fh.flush()
+                os.fsync(fh.fileno())
+        tags = read_index_tags(out, str(syntax or loaded.transfer_syntax))
+    except MalformedDataset as exc:
+        os.unlink(out)
+        raise RewriteError(f"instance {source}: the result is not storable: {exc}") from None
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(out)
+        raise
+    return Written(source, uuid, size, digest.hexdigest(), tags)
+
+
+def _init_worker() -> None:
+    # Values we write are checked by the request parser; pydicom's per-assignment checks only cost time.
+    pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
+    pydicom_config.settings.writing_validation_mode = pydicom_config.IGNORE
+
+
+def _chunk(transform: Transform, items: list[tuple[str, str]], spool_dir: str, sync: bool) -> list[Written | str]:
+    """Rewrite a few instances (one pickled transform for all); an error is returned as its message."""
+    if len(_cache) > 64:
+        _cache.clear()
+    out: list[Written | str] = []
+    for source, path in items:
+        try:
+            out.append(_rewrite_one(transform, source, path, spool_dir, sync))
+        except RewriteError as exc:
+            out.append(str(exc))
+    return out
+
+
+# ---------------------------------------------------------------- pool
+
+_pool_lock = threading.Lock()
+_pool: ProcessPoolExecutor | None = None
+_pool_size = 0
+
+
+def _get_pool(processes: int) -> ProcessPoolExecutor:
+    global _pool, _pool_size
+    with _pool_lock:
+        if _pool is None:
+            ctx = multiprocessing.get_context("forkserver")
+            ctx.set_forkserver_preload(["node.archive.rewrite"])
+            _pool_size = processes or os.cpu_count() or 1
+            _pool = ProcessPoolExecutor(_pool_size, mp_context=ctx, initializer=_init_worker)
+        return _pool
+
+
+def _drop_pool(broken: ProcessPoolExecutor) -> None:
+    global _pool
+    with _pool_lock:
+        if _pool is broken:
+            _pool = None
+    broken.shutdown(wait=False, cancel_futures=True)
+
+
+def shutdown_pool() -> None:
+    global _pool
+    with _pool_lock:
+        pool, _pool = _pool, None
+    if pool is not None:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+# ---------------------------------------------------------------- job side
+
+
+@dataclass
+class Stored:
+    """One output of a job: its source and what storing it gave."""
+
+    source: str
+    result: StoreResult
+    preexisting: bool  # the output ID was in the archive before (AlreadyStored, or an in-place overwrite)
+    tags: IndexTags
+
+
+@dataclass
+class Outcome:
+    stored: list[Stored] = field(default_factory=list)
+
+    @property
+    def new_instances(self) -> list[str]:
+        return [s.result.ids.instance for s in self.stored if not s.preexisting]
+
+
+def _chunks(items: Sequence[tuple[str, str]], size: int) -> Iterator[list[tuple[str, str]]]:
+    for i in range(0, len(items), size):
+        yield list(items[i : i + size])
+
+
+def rewrite(
+    archive: Archive,
+    items: Sequence[tuple[str, str]],
+    transform: Transform,
+    origin: Origin,
+    *,
+    processes: int = 0,
+    metadata: Callable[[str], Mapping[str, str]] = lambda source: {},
+    deliveries: Callable[[str], Sequence[tuple[str, str]]] = lambda path: (),
+    exists: Callable[[str], bool] = lambda public_id: False,
+    progress: Callable[[int, int], None] = lambda done, total: None,
+    check: Callable[[], None] = lambda: None,
+    outcome: Outcome | None = None,
+) -> Outcome:
+    """Rewrite ``items`` (source instance ID, file path) and store the results; returns what was stored.
+
+    Raises :class:`RewriteError` for the first instance that fails (what was stored so far is in
+    ``outcome``, for :func:`rollback`), or whatever ``check`` raises (a cancelled job).
+    """
+    outcome = outcome if outcome is not None else Outcome()
+    total = len(items)
+    if not total:
+        return outcome
+    pool = _get_pool(processes)
+    workers = _pool_size
+    size = max(1, min(8, total // (workers * 4) or 1))
+    queue = list(_chunks(items, size))
+    queue.reverse()
+    in_flight: dict[Future[list[Written | str]], list[tuple[str, str]]] = {}
+    spool_dir = str(archive.storage.tmp)
+    error: str | None = None
+    try:
+        while (queue or in_flight) and error is None:
+            check()
+            while queue and len(in_flight) < workers * 2:
+                chunk = queue.pop()
+                try:
+                    in_flight[pool.submit(_chunk, transform, chunk, spool_dir, archive.storage.sync)] = chunk
+                except BrokenProcessPool:
+                    _drop_pool(pool)
+                    raise RewriteError("the rewriting processes died; try again") from None
+            done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
+            for future in done:
+                chunk = in_flight.pop(future)
+                try:
+                    results = future.result()
+                except BrokenProcessPool:
+                    _drop_pool(pool)
+                    names = ", ".join(s for s, _ in chunk)
+                    raise RewriteError(f"a rewriting process died on one of the instances {names} "
+                                       "(a pixel codec crashed?)") from None  # fmt: skip
+                for written in results:
+                    if isinstance(written, str):
+                        error = error or written
+                        continue
+                    if error is not None:
+                        archive.storage.discard_spool(written.uuid)
+                        continue
+                    outcome.stored.append(_store(archive, written, origin, metadata, deliveries, exists))
+                    progress(len(outcome.stored), total)
+    finally:
+        for future, _chunk_items in in_flight.items():  # an error or a cancel: drop what is still coming
+            try:
+                for written in future.result():
+                    if isinstance(written, Written):
+                        archive.storage.discard_spool(written.uuid)
+            except Exception:  # noqa: BLE001 - the pool is gone; recovery sweeps the spool folder
+                continue
+    if error is not None:
+        raise RewriteError(error)
+    return outcome
+
+
+def _store(
+    archive: Archive,
+    written: Written,
+    origin: Origin,
+    metadata: Callable[[str], Mapping[str, str]],
+    deliveries: Callable[[str], Sequence[tuple[str, str]]],
+    exists: Callable[[str], bool],
+) -> Stored:
+    spool = _DoneSpool(written.uuid, str(archive.storage.spool_path(written.uuid)), written.size, written.sha256)
+    try:
+        t = written.tags
+        ids = resource_ids(t.patient_id, t.study_uid, t.series_uid, t.sop_uid)
+        preexisting = exists(ids.instance)
+        result = store(archive, spool, written.tags, origin, deliveries(spool.name), metadata(written.source))
+    except BaseException:
+        archive.storage.discard_spool(written.uuid)
+        raise
+    return Stored(written.source, result, preexisting or result.status == "AlreadyStored", written.tags)
+
+
+def rebuild_main_tags(archive: Archive, outcome: Outcome) -> None:
+    """The main tags of every series, study and patient a job wrote to, from one of its new instances.
+
+    Storing into an existing parent keeps the parent's main tags (the first instance's); after a job that
+    changed study-level tags in place (Orthanc's case 29: StudyDescription with the same StudyInstanceUID)
+    the parents must show the new values, as Orthanc ≥ 1.11.3 rebuilds them.
+    """
+    last: dict[str, IndexTags] = {}
+    for s in outcome.stored:
+        last[s.result.ids.series] = s.tags
+    db = archive.db
+    with write_transaction(db):
+        for tags in last.values():
+            ids = resource_ids(tags.patient_id, tags.study_uid, tags.series_uid, tags.sop_uid)
+            Series.update(main_tags=json.dumps(tags.series), modality=tags.series.get("Modality", "")).where(
+                Series.public_id == ids.series
+            ).execute()
+            Study.update(main_tags=json.dumps(tags.study), study_date=tags.study.get("StudyDate", ""),
+                         accession_number=tags.study.get("AccessionNumber", "")).where(
+                Study.public_id == ids.study
+            ).execute()  # fmt: skip
+            Patient.update(main_tags=json.dumps(tags.patient), patient_name=tags.patient.get("PatientName", "")).where(
+                Patient.public_id == ids.patient
+            ).execute()
+
+
+def rollback(archive: Archive, outcome: Outcome) -> int:
+    """Delete the instances a failed job created (never one that existed before it). Returns how many."""
+    n = 0
+    for public_id in outcome.new_instances:
+        if delete_instance(archive, public_id):
+            n += 1
+    return n

@@ -1,0 +1,329 @@
+"""``POST /{patients|studies|series}/{id}/modify|anonymize`` and ``/tools/bulk-modify|bulk-anonymize``:
+jobs that store their results (spec §4.2, §4.3).
+
+Everything a request can get wrong is checked before the job starts (the body, the resources, Orthanc's
+sanity checks for in-place modification and for moving a study to another patient), so a 4xx leaves the
+archive untouched. A job that fails half-way removes what it had stored; sources are deleted
+(``KeepSource: false``) only once every instance is stored.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.concurrency import run_in_threadpool
+
+from node.archive import rewrite
+from node.archive.db import write_transaction
+from node.archive.models import Instance, Metadata, Patient, Series, Study
+from node.archive.pseudonyms import next_anonymization_number
+from node.archive.storage import is_disk_error
+from node.archive.store import Archive, Origin, delete_instance
+from node.dicom.levels import Level
+from node.dicom.maintags import PATIENT_TAGS
+from node.dicom.request import PATIENT_ID, Modification, parse_anonymize, parse_modify
+from node.logs import get as get_logger
+from node.rest.edit import parse_json
+from node.rest.errors import RestError, bad_request, unknown_resource
+from node.rest.jobs import JobContext
+from node.routing import rules
+
+router = APIRouter()
+log = get_logger("dicom-node.jobs")
+
+_PLURAL = {"Patient": "patients", "Study": "studies", "Series": "series", "Instance": "instances"}
+_URL_LEVEL = {"patients": Level.PATIENT, "studies": Level.STUDY, "series": Level.SERIES}
+_LEVEL_NAME = {Level.PATIENT: "Patient", Level.STUDY: "Study", Level.SERIES: "Series", Level.INSTANCE: "Instance"}
+_PATIENT_TAG_NUMBERS = {0x00100010: "PatientName", 0x00100020: "PatientID", 0x00100030: "PatientBirthDate",
+                        0x00100040: "PatientSex", 0x00101000: "OtherPatientIDs"}  # fmt: skip
+assert set(_PATIENT_TAG_NUMBERS.values()) == set(PATIENT_TAGS)
+
+
+@dataclass(frozen=True)
+class Source:
+    """A stored instance a job reads, with its parents' public IDs (for ModifiedFrom at every level)."""
+
+    instance: str
+    series: str
+    study: str
+    patient: str
+    file_uuid: str
+
+
+def find_resource(public_id: str) -> tuple[str, Any]:
+    """The level and row of any resource ID (Orthanc does not check that the URL's level matches)."""
+    for name, model in (("Instance", Instance), ("Series", Series), ("Study", Study), ("Patient", Patient)):
+        row = model.get_or_none(model.public_id == public_id)
+        if row is not None:
+            return name, row
+    raise unknown_resource(f"no patient, study, series or instance with ID {public_id!r}")
+
+
+def sources_of(public_ids: Iterable[str]) -> list[Source]:
+    """Every instance below the given resources, once each, in storage order per resource."""
+    out: dict[str, Source] = {}
+    for public_id in public_ids:
+        level, row = find_resource(public_id)
+        query = (Instance.select(Instance.public_id, Series.public_id, Study.public_id, Patient.public_id,
+                                 Instance.file_uuid)
+                 .join(Series).join(Study).join(Patient))  # fmt: skip
+        column = {"Instance": Instance.id, "Series": Series.id, "Study": Study.id, "Patient": Patient.id}[level]
+        for inst, series, study, patient, uuid in query.where(column == row.id).order_by(Instance.id).tuples():
+            out.setdefault(inst, Source(inst, series, study, patient, uuid))
+    return list(out.values())
+
+
+def _keep_source(body: dict[str, Any], default: bool) -> bool:
+    value = body.get("KeepSource", default)
+    if not isinstance(value, bool):
+        raise bad_request("'KeepSource' must be true or false")
+    return value
+
+
+def sanity_checks(mod: Modification, keep_source: bool, overwrite: bool, studies: Sequence[str]) -> None:
+    """Orthanc's ``ResourceModificationJob::PerformSanityChecks`` (edge cases 30-33), before the job starts."""
+    in_place = (mod.level in (Level.STUDY, Level.PATIENT) and PATIENT_ID not in mod.replacements
+                and mod.keep_study_uid and mod.keep_series_uid and mod.keep_sop_uid)  # fmt: skip
+    if in_place and not keep_source:
+        raise bad_request("When keeping StudyInstanceUID, SeriesInstanceUID and SOPInstanceUID, KeepSource must be "
+                          "true: otherwise the modified instances would be deleted at the end of the job")  # fmt: skip
+    if in_place and not overwrite:
+        raise bad_request("When keeping StudyInstanceUID, SeriesInstanceUID and SOPInstanceUID, the "
+                          "'OverwriteInstances' configuration must be true to replace the modified "
+                          "instances")  # fmt: skip
+    replaced = {t: str(v) for t, v in mod.replacements.items() if t in _PATIENT_TAG_NUMBERS}
+    if mod.level is not Level.STUDY or mod.is_anonymization or not replaced:
+        return
+    for study_id in studies:
+        study = Study.get_or_none(Study.public_id == study_id)
+        if study is None:
+            continue
+        own = Patient.get_by_id(study.patient_id)
+        target_pid = replaced.get(PATIENT_ID, own.patient_id)
+        target = Patient.get_or_none(Patient.patient_id == target_pid)
+        if target is None:
+            continue
+        others = [s for (s,) in Study.select(Study.public_id).where(Study.patient == target.id).tuples()]
+        if not [s for s in others if s != study_id]:
+            continue  # the patient's only study: its patient tags may change freely
+        target_tags = json.loads(target.main_tags)
+        for tag, keyword in _PATIENT_TAG_NUMBERS.items():
+            if keyword in target_tags and replaced.get(tag) != target_tags[keyword]:
+                raise bad_request(
+                    "Trying to change patient tags in a study. The patient already exists and has other studies: "
+                    "all the 'Replace' tags must match the existing patient's main tags, and every patient main "
+                    f"tag must be given. Use /patients/{{id}}/modify to modify the patient. Failing tag: {keyword}"
+                )
+            if keyword not in target_tags and tag in replaced:
+                raise bad_request(
+                    "Trying to change patient tags in a study. The patient already exists and has other studies, "
+                    f"and has no value for {keyword}. Use /patients/{{id}}/modify to modify the patient."
+                )
+
+
+@dataclass
+class Plan:
+    """One modification job, checked and ready to run."""
+
+    mod: Modification
+    sources: list[Source]
+    keep_source: bool
+    parents: list[str]
+    origin: Origin
+    processes: int
+    routes: Sequence[Any]
+
+    @property
+    def meta_name(self) -> str:
+        return "AnonymizedFrom" if self.mod.is_anonymization else "ModifiedFrom"
+
+
+def run_plan(archive: Archive, plan: Plan, ctx: JobContext) -> rewrite.Outcome:
+    """Rewrite, store, tag the new parents, rebuild their main tags, then (only then) drop the sources."""
+    counter = None
+    if plan.mod.needs_name_counter:
+        with archive.db.connection_context(), write_transaction(archive.db):
+            counter = next_anonymization_number(archive.db)
+    transform = rewrite.ModifyTransform(plan.mod, os.urandom(32), counter)
+    by_instance = {s.instance: s for s in plan.sources}
+    items = [(s.instance, str(archive.storage.locate(s.file_uuid))) for s in plan.sources]
+    outcome = rewrite.Outcome()
+    archive.db.connect(reuse_if_open=True)
+    try:
+        rewrite.rewrite(
+            archive, items, transform, plan.origin, processes=plan.processes, outcome=outcome,
+            metadata=lambda source: {plan.meta_name: source},
+            deliveries=_deliveries(plan.routes, plan.origin),
+            exists=lambda public_id: Instance.select().where(Instance.public_id == public_id).exists(),
+            progress=ctx.progress, check=ctx.check,
+        )  # fmt: skip
+        _tag_parents(outcome, by_instance, plan.meta_name)
+        rewrite.rebuild_main_tags(archive, outcome)
+    except BaseException as exc:  # noqa: BLE001 - rolled back, then raised again
+        removed = rewrite.rollback(archive, outcome)
+        log.info("job failed; its new instances removed", removed=removed, error=str(exc))
+        raise _job_error(exc) from None
+    if not plan.keep_source:
+        outputs = {s.result.ids.instance for s in outcome.stored}
+        for source in plan.sources:
+            if source.instance not in outputs:
+                delete_instance(archive, source.instance)
+    return outcome
+
+
+def _deliveries(routes: Sequence[Any], origin: Origin) -> Callable[[str], Sequence[tuple[str, str]]]:
+    if not routes:
+        return lambda path: ()
+    where = rules.Origin(remote_host=origin.remote_ip)
+    return lambda path: rules.deliveries_for_file(routes, path, where)
+
+
+def _job_error(exc: BaseException) -> BaseException:
+    if isinstance(exc, rewrite.RewriteError):
+        return RestError(500, 2018, "Cannot store an instance", str(exc))
+    if isinstance(exc, OSError) and is_disk_error(exc):
+        return RestError(507, 2019, "Storage full", f"storage failure: {exc.strerror}")
+    return exc
+
+
+def _tag_parents(outcome: rewrite.Outcome, sources: dict[str, Source], name: str) -> None:
+    """``ModifiedFrom``/``AnonymizedFrom`` on each new series, study and patient whose ID differs from its
+    source's (Orthanc's rule: an in-place modification does not say it was modified from itself)."""
+    rows = {}
+    for stored in outcome.stored:
+        src, ids = sources[stored.source], stored.result.ids
+        for new, old in ((ids.series, src.series), (ids.study, src.study), (ids.patient, src.patient)):
+            if new != old:
+                rows.setdefault(new, old)
+    if rows:
+        Metadata.insert_many(
+            [(k, name, v) for k, v in rows.items()], fields=[Metadata.public_id, Metadata.name, Metadata.value]
+        ).on_conflict_ignore().execute()
+
+
+def _origin(request: Request) -> Origin:
+    return Origin("RestApi", "", "", request.client.host if request.client else "")
+
+
+def _processes(request: Request) -> int:
+    return int(request.app.state.cfg["JobsProcesses"])
+
+
+def _body(raw: bytes) -> dict[str, Any]:
+    body = parse_json(raw)
+    if not isinstance(body, dict):
+        raise bad_request(f"the request body must be a JSON object, got {type(body).__name__}")
+    return body
+
+
+def _single_output(plan: Plan, outcome: rewrite.Outcome, url_level: Level) -> dict[str, Any]:
+    out: dict[str, Any] = {"Description": "REST API", "FailedInstancesCount": 0,
+                           "InstancesCount": len(outcome.stored), "IsAnonymization": plan.mod.is_anonymization,
+                           "ParentResources": plan.parents}  # fmt: skip
+    if outcome.stored:
+        ids = outcome.stored[0].result.ids
+        new_id = {Level.PATIENT: ids.patient, Level.STUDY: ids.study, Level.SERIES: ids.series}[url_level]
+        level = _LEVEL_NAME[url_level]
+        out.update({"ID": new_id, "Path": f"/{_PLURAL[level]}/{new_id}", "PatientID": ids.patient, "Type": level})
+    if plan.mod.transcode:
+        out["Transcode"] = plan.mod.transcode
+    return out
+
+
+def _bulk_output(plan: Plan, outcome: rewrite.Outcome) -> dict[str, Any]:
+    groups: dict[str, set[str]] = {"Instance": set(), "Series": set(), "Study": set(), "Patient": set()}
+    for s in outcome.stored:
+        ids = s.result.ids
+        groups["Instance"].add(ids.instance)
+        groups["Series"].add(ids.series)
+        groups["Study"].add(ids.study)
+        groups["Patient"].add(ids.patient)
+    resources = [{"ID": i, "Path": f"/{_PLURAL[t]}/{i}", "Type": t} for t, ids in groups.items() for i in sorted(ids)]
+    out = {"Description": "REST API", "FailedInstancesCount": 0, "InstancesCount": len(outcome.stored),
+           "IsAnonymization": plan.mod.is_anonymization, "ParentResources": plan.parents,
+           "Resources": resources}  # fmt: skip
+    if plan.mod.transcode:
+        out["Transcode"] = plan.mod.transcode
+    return out
+
+
+def _plan(request: Request, body: dict[str, Any], mod: Modification, parents: list[str]) -> Plan:
+    archive: Archive = request.app.state.archive
+    keep_source = _keep_source(body, True)
+    with archive.db.connection_context():
+        sources = sources_of(parents)
+        studies = sorted({s.study for s in sources})
+        sanity_checks(mod, keep_source, archive.overwrite, studies)
+    return Plan(mod, sources, keep_source, parents, _origin(request), _processes(request),
+                request.app.state.cfg.routes)  # fmt: skip
+
+
+def _register(url_level: str, anonymize: bool) -> None:
+    level = _URL_LEVEL[url_level]
+
+    async def handler(request: Request, public_id: str) -> dict[str, Any]:
+        body = _body(await request.body())
+        mod = parse_anonymize(body) if anonymize else parse_modify(body, level=level)
+        plan = await run_in_threadpool(_plan, request, body, mod, [public_id])
+        archive = request.app.state.archive
+
+        def work(ctx: JobContext) -> dict[str, Any]:
+            return _single_output(plan, run_plan(archive, plan, ctx), level)
+
+        return await run_in_threadpool(request.app.state.jobs.run, "ResourceModification", work, body)
+
+    verb = "anonymize" if anonymize else "modify"
+    router.add_api_route(f"/{url_level}/{{public_id}}/{verb}", handler, methods=["POST"],
+                         summary=f"{verb.capitalize()} every instance of one of the {url_level} into new stored "
+                                 "instances (a job; Orthanc's body)")  # fmt: skip
+
+
+for _url_level in _URL_LEVEL:
+    _register(_url_level, anonymize=False)
+    _register(_url_level, anonymize=True)
+
+
+def _resources(body: dict[str, Any]) -> list[str]:
+    resources = body.get("Resources")
+    if not isinstance(resources, list) or not resources or not all(isinstance(r, str) for r in resources):
+        raise bad_request("'Resources' must be a non-empty list of Orthanc IDs (patients, studies, series or "
+                          "instances)")  # fmt: skip
+    return list(dict.fromkeys(resources))
+
+
+def _bulk_level(body: dict[str, Any]) -> Level | None:
+    if "Level" not in body:
+        return None
+    value = body["Level"]
+    names = {n.lower(): lvl for lvl, n in _LEVEL_NAME.items()}
+    if not isinstance(value, str) or value.lower() not in names:
+        raise bad_request(f"'Level' must be Patient, Study, Series or Instance, got {value!r}")
+    return names[value.lower()]
+
+
+async def _bulk(request: Request, anonymize: bool) -> dict[str, Any]:
+    body = _body(await request.body())
+    parents = _resources(body)
+    mod = parse_anonymize(body) if anonymize else parse_modify(body, level=_bulk_level(body))
+    plan = await run_in_threadpool(_plan, request, body, mod, parents)
+    archive = request.app.state.archive
+
+    def work(ctx: JobContext) -> dict[str, Any]:
+        return _bulk_output(plan, run_plan(archive, plan, ctx))
+
+    return await run_in_threadpool(request.app.state.jobs.run, "ResourceModification", work, body)
+
+
+@router.post("/tools/bulk-modify", summary="Modify several resources in one job (one UID map): Resources, Level")
+async def bulk_modify(request: Request) -> dict[str, Any]:
+    return await _bulk(request, anonymize=False)
+
+
+@router.post("/tools/bulk-anonymize", summary="Anonymize several resources in one job (one UID map): Resources")
+async def bulk_anonymize(request: Request) -> dict[str, Any]:
+    return await _bulk(request, anonymize=True)
