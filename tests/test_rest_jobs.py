@@ -285,3 +285,70 @@ def test_bad_bodies_are_refused_before_anything_runs(rest_client: TestClient, st
     assert rest_client.post("/studies/nope/modify", json={}).status_code == 404
     assert ok(rest_client.get("/statistics"))["CountInstances"] == 4
     assert ok(rest_client.get("/jobs")) == []
+
+
+def _wait_job(client: TestClient, job_id: str) -> dict[str, Any]:
+    deadline = time.monotonic() + 60
+    while (job := ok(client.get(f"/jobs/{job_id}")))["State"] not in ("Success", "Failure"):
+        assert time.monotonic() < deadline, job
+        time.sleep(0.05)
+    return job
+
+
+def test_split_series_to_a_new_study(rest_client: TestClient, study: dict) -> None:
+    r = ok(rest_client.post(f"/studies/{study['study']}/split", json={
+        "Series": [study["series2"]], "Replace": {"PatientName": "Hello"}, "Remove": ["ReferringPhysicianName"],
+        "KeepSource": False, "Asynchronous": True}))  # edge case 49  # fmt: skip
+    job = _wait_job(rest_client, r["ID"])
+    assert job["State"] == "Success" and job["Type"] == "SplitStudy"
+    target = job["Content"]["TargetStudy"]
+    assert sorted(ok(rest_client.get("/studies"))) == sorted([study["study"], target])
+    moved = instances_of(rest_client, "studies", target)
+    assert len(moved) == 2 and {d.StudyInstanceUID for d in moved} == {job["Content"]["TargetStudyUID"]}
+    assert {str(d.PatientName) for d in moved} == {"Hello"} and all("ReferringPhysicianName" not in d for d in moved)
+    assert {d.SOPInstanceUID for d in moved}.isdisjoint({"1.9.2.1", "1.9.2.2"})  # fresh SOP UIDs
+    assert len({d.SeriesInstanceUID for d in moved}) == 1 and moved[0].SeriesInstanceUID != "1.9.2"
+    assert ok(rest_client.get(f"/studies/{study['study']}"))["Series"] == [study["series"]]  # moved away
+
+
+def test_split_instances_and_bad_requests(rest_client: TestClient, study: dict) -> None:
+    url = f"/studies/{study['study']}/split"
+    for body in ({}, {"Series": [], "Instances": []}):
+        r = rest_client.post(url, json=body)
+        assert r.status_code == 400 and "Both the Series and the Instances" in r.json()["Details"]  # case 50
+    assert rest_client.post(url, json={"Series": ["nope"]}).status_code == 404
+    assert rest_client.post(url, json={"Instances": ["nope"]}).status_code == 404
+    r = rest_client.post(url, json={"Series": [study["series"]], "Replace": {"SeriesDescription": "x"}})
+    assert r.status_code == 400 and "SeriesDescription" in r.json()["Details"]
+    r = rest_client.post(url, json={"Series": [study["series"]], "Replace": {"PatientName": 3}})
+    assert r.status_code == 400
+    assert rest_client.post("/studies/nope/split", json={"Series": ["x"]}).status_code == 404
+    out = ok(rest_client.post(url, json={"Instances": [study["instance"]]}))  # edge case 51
+    assert out["InstancesCount"] == 1 and out["TargetStudy"] != study["study"]
+    assert study["instance"] not in ok(rest_client.get("/instances"))  # KeepSource defaults to false
+    (moved,) = instances_of(rest_client, "studies", out["TargetStudy"])
+    assert moved.InstanceNumber == 1 and moved.PatientID == "P9"
+
+
+def test_merge_into_a_study(rest_client: TestClient, rest_archive: Archive, study: dict, tmp_path: Path) -> None:
+    store_file(rest_archive, make_instance(tmp_path / "knee.dcm", patient_id="K1", study_uid="5.1", series_uid="5.1.1",
+                                           sop_uid="5.1.1.1", PatientName="Knee^Pat", StudyDescription="OTHER",
+                                           AccessionNumber="ACC5"))  # fmt: skip
+    knee = resource_ids("K1", "5.1", "5.1.1", "5.1.1.1")
+    r = ok(rest_client.post(f"/studies/{study['study']}/merge", json={"Resources": [knee.study], "KeepSource": True,
+                                                                     "Synchronous": False}))  # case 53  # fmt: skip
+    job = _wait_job(rest_client, r["ID"])
+    assert job["State"] == "Success" and job["Content"]["TargetStudy"] == study["study"]
+    datasets = instances_of(rest_client, "studies", study["study"])
+    assert len(datasets) == 5 and {d.PatientID for d in datasets} == {"P9"}
+    merged = [d for d in datasets if d.SeriesInstanceUID not in ("1.9.1", "1.9.2")]
+    assert len(merged) == 1 and merged[0].StudyDescription == "KNEE" and str(merged[0].PatientName) == "Doe^John"
+    assert "AccessionNumber" not in merged[0]  # the target has none: removed
+    assert merged[0].SOPInstanceUID != "5.1.1.1"
+    assert knee.study in ok(rest_client.get("/studies"))  # KeepSource true
+    out = ok(rest_client.post(f"/studies/{study['study']}/merge", json={"Resources": [knee.instance]}))  # case 52
+    assert out["TargetStudy"] == study["study"] and knee.instance not in ok(rest_client.get("/instances"))
+    assert len(ok(rest_client.get("/patients"))) == 1 and len(ok(rest_client.get("/studies"))) == 1
+    for bad in ([study["study"]], [study["series"]], [study["patient"]], ["nope"]):
+        assert rest_client.post(f"/studies/{study['study']}/merge", json={"Resources": bad}).status_code == 404
+    assert rest_client.post(f"/studies/{study['study']}/merge", json={}).status_code == 400

@@ -78,7 +78,7 @@ def sources_of(public_ids: Iterable[str]) -> list[Source]:
     return list(out.values())
 
 
-def _keep_source(body: dict[str, Any], default: bool) -> bool:
+def keep_source_flag(body: dict[str, Any], default: bool) -> bool:
     value = body.get("KeepSource", default)
     if not isinstance(value, bool):
         raise bad_request("'KeepSource' must be true or false")
@@ -128,41 +128,50 @@ def sanity_checks(mod: Modification, keep_source: bool, overwrite: bool, studies
 
 @dataclass
 class Plan:
-    """One modification job, checked and ready to run."""
+    """One rewriting job, checked and ready to run."""
 
-    mod: Modification
     sources: list[Source]
     keep_source: bool
     parents: list[str]
     origin: Origin
     processes: int
     routes: Sequence[Any]
+    mod: Modification | None = None  # None: split or merge (their transform is given to run_plan)
 
     @property
-    def meta_name(self) -> str:
+    def meta_name(self) -> str | None:
+        if self.mod is None:
+            return None
         return "AnonymizedFrom" if self.mod.is_anonymization else "ModifiedFrom"
 
 
-def run_plan(archive: Archive, plan: Plan, ctx: JobContext) -> rewrite.Outcome:
-    """Rewrite, store, tag the new parents, rebuild their main tags, then (only then) drop the sources."""
+def modify_transform(archive: Archive, mod: Modification) -> rewrite.ModifyTransform:
+    """The job's transform: a fresh key (Orthanc's per-request UID map) and, for an anonymization, the job's
+    ``Anonymized<N>`` drawn from the index-wide counter."""
     counter = None
-    if plan.mod.needs_name_counter:
+    if mod.needs_name_counter:
         with archive.db.connection_context(), write_transaction(archive.db):
             counter = next_anonymization_number(archive.db)
-    transform = rewrite.ModifyTransform(plan.mod, os.urandom(32), counter)
+    return rewrite.ModifyTransform(mod, os.urandom(32), counter)
+
+
+def run_plan(archive: Archive, plan: Plan, ctx: JobContext, transform: rewrite.Transform) -> rewrite.Outcome:
+    """Rewrite, store, tag the new parents, rebuild their main tags, then (only then) drop the sources."""
     by_instance = {s.instance: s for s in plan.sources}
     items = [(s.instance, str(archive.storage.locate(s.file_uuid))) for s in plan.sources]
     outcome = rewrite.Outcome()
     archive.db.connect(reuse_if_open=True)
+    name = plan.meta_name
     try:
         rewrite.rewrite(
             archive, items, transform, plan.origin, processes=plan.processes, outcome=outcome,
-            metadata=lambda source: {plan.meta_name: source},
+            metadata=(lambda source: {name: source}) if name else (lambda source: {}),
             deliveries=_deliveries(plan.routes, plan.origin),
             exists=lambda public_id: Instance.select().where(Instance.public_id == public_id).exists(),
             progress=ctx.progress, check=ctx.check,
         )  # fmt: skip
-        _tag_parents(outcome, by_instance, plan.meta_name)
+        if name:
+            _tag_parents(outcome, by_instance, name)
         rewrite.rebuild_main_tags(archive, outcome)
     except BaseException as exc:  # noqa: BLE001 - rolled back, then raised again
         removed = rewrite.rollback(archive, outcome)
@@ -210,32 +219,28 @@ def _origin(request: Request) -> Origin:
     return Origin("RestApi", "", "", request.client.host if request.client else "")
 
 
-def _processes(request: Request) -> int:
-    return int(request.app.state.cfg["JobsProcesses"])
-
-
-def _body(raw: bytes) -> dict[str, Any]:
+def json_object(raw: bytes) -> dict[str, Any]:
     body = parse_json(raw)
     if not isinstance(body, dict):
         raise bad_request(f"the request body must be a JSON object, got {type(body).__name__}")
     return body
 
 
-def _single_output(plan: Plan, outcome: rewrite.Outcome, url_level: Level) -> dict[str, Any]:
+def _single_output(mod: Modification, plan: Plan, outcome: rewrite.Outcome, url_level: Level) -> dict[str, Any]:
     out: dict[str, Any] = {"Description": "REST API", "FailedInstancesCount": 0,
-                           "InstancesCount": len(outcome.stored), "IsAnonymization": plan.mod.is_anonymization,
+                           "InstancesCount": len(outcome.stored), "IsAnonymization": mod.is_anonymization,
                            "ParentResources": plan.parents}  # fmt: skip
     if outcome.stored:
         ids = outcome.stored[0].result.ids
         new_id = {Level.PATIENT: ids.patient, Level.STUDY: ids.study, Level.SERIES: ids.series}[url_level]
         level = _LEVEL_NAME[url_level]
         out.update({"ID": new_id, "Path": f"/{_PLURAL[level]}/{new_id}", "PatientID": ids.patient, "Type": level})
-    if plan.mod.transcode:
-        out["Transcode"] = plan.mod.transcode
+    if mod.transcode:
+        out["Transcode"] = mod.transcode
     return out
 
 
-def _bulk_output(plan: Plan, outcome: rewrite.Outcome) -> dict[str, Any]:
+def _bulk_output(mod: Modification, plan: Plan, outcome: rewrite.Outcome) -> dict[str, Any]:
     groups: dict[str, set[str]] = {"Instance": set(), "Series": set(), "Study": set(), "Patient": set()}
     for s in outcome.stored:
         ids = s.result.ids
@@ -245,35 +250,35 @@ def _bulk_output(plan: Plan, outcome: rewrite.Outcome) -> dict[str, Any]:
         groups["Patient"].add(ids.patient)
     resources = [{"ID": i, "Path": f"/{_PLURAL[t]}/{i}", "Type": t} for t, ids in groups.items() for i in sorted(ids)]
     out = {"Description": "REST API", "FailedInstancesCount": 0, "InstancesCount": len(outcome.stored),
-           "IsAnonymization": plan.mod.is_anonymization, "ParentResources": plan.parents,
+           "IsAnonymization": mod.is_anonymization, "ParentResources": plan.parents,
            "Resources": resources}  # fmt: skip
-    if plan.mod.transcode:
-        out["Transcode"] = plan.mod.transcode
+    if mod.transcode:
+        out["Transcode"] = mod.transcode
     return out
 
 
-def _plan(request: Request, body: dict[str, Any], mod: Modification, parents: list[str]) -> Plan:
+def plan_for(request: Request, parents: list[str], keep_source: bool, mod: Modification | None = None) -> Plan:
+    """Resolve the resources to their instances (404 for an unknown one) and run the sanity checks."""
     archive: Archive = request.app.state.archive
-    keep_source = _keep_source(body, True)
     with archive.db.connection_context():
         sources = sources_of(parents)
-        studies = sorted({s.study for s in sources})
-        sanity_checks(mod, keep_source, archive.overwrite, studies)
-    return Plan(mod, sources, keep_source, parents, _origin(request), _processes(request),
-                request.app.state.cfg.routes)  # fmt: skip
+        if mod is not None:
+            sanity_checks(mod, keep_source, archive.overwrite, sorted({s.study for s in sources}))
+    return Plan(sources, keep_source, parents, _origin(request), int(request.app.state.cfg["JobsProcesses"]),
+                request.app.state.cfg.routes, mod)  # fmt: skip
 
 
 def _register(url_level: str, anonymize: bool) -> None:
     level = _URL_LEVEL[url_level]
 
     async def handler(request: Request, public_id: str) -> dict[str, Any]:
-        body = _body(await request.body())
+        body = json_object(await request.body())
         mod = parse_anonymize(body) if anonymize else parse_modify(body, level=level)
-        plan = await run_in_threadpool(_plan, request, body, mod, [public_id])
+        plan = await run_in_threadpool(plan_for, request, [public_id], keep_source_flag(body, True), mod)
         archive = request.app.state.archive
 
         def work(ctx: JobContext) -> dict[str, Any]:
-            return _single_output(plan, run_plan(archive, plan, ctx), level)
+            return _single_output(mod, plan, run_plan(archive, plan, ctx, modify_transform(archive, mod)), level)
 
         return await run_in_threadpool(request.app.state.jobs.run, "ResourceModification", work, body)
 
@@ -307,14 +312,14 @@ def _bulk_level(body: dict[str, Any]) -> Level | None:
 
 
 async def _bulk(request: Request, anonymize: bool) -> dict[str, Any]:
-    body = _body(await request.body())
+    body = json_object(await request.body())
     parents = _resources(body)
     mod = parse_anonymize(body) if anonymize else parse_modify(body, level=_bulk_level(body))
-    plan = await run_in_threadpool(_plan, request, body, mod, parents)
+    plan = await run_in_threadpool(plan_for, request, parents, keep_source_flag(body, True), mod)
     archive = request.app.state.archive
 
     def work(ctx: JobContext) -> dict[str, Any]:
-        return _bulk_output(plan, run_plan(archive, plan, ctx))
+        return _bulk_output(mod, plan, run_plan(archive, plan, ctx, modify_transform(archive, mod)))
 
     return await run_in_threadpool(request.app.state.jobs.run, "ResourceModification", work, body)
 
