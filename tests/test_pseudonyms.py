@@ -12,7 +12,7 @@ import pytest
 from conftest import SAMPLES
 
 from node.archive.db import open_index
-from node.archive.models import SCHEMA_VERSION, Outbox, Property, Pseudonym, Study
+from node.archive.models import SCHEMA_VERSION, Metadata, Outbox, Property, Pseudonym, Study
 from node.archive.pseudonyms import DatabaseUidMap
 from node.dicom import fileio
 from node.dicom.apply import apply
@@ -103,9 +103,10 @@ def test_an_older_index_is_migrated(tmp_path: Path, version: int) -> None:
     con.close()
     db = open_index(url(tmp_path))
     with db.connection_context():
-        assert Property.get(Property.key == "SchemaVersion").value == str(SCHEMA_VERSION) == "3"
+        assert Property.get(Property.key == "SchemaVersion").value == str(SCHEMA_VERSION) == "4"
         assert Pseudonym.select().count() == 0
         assert Outbox.select().count() == 0
+        assert Metadata.select().count() == 0  # schema 4's table
         study = Study.get(Study.public_id == "s")
         assert study.stable_pending is False and study.stable_seen is None
     db.close()
@@ -128,3 +129,13 @@ def test_anonymized_n_is_drawn_once_per_patient_even_by_racing_processes(tmp_pat
                                            (url(tmp_path), patients)])  # fmt: skip
     assert results[0] == results[1][::-1] == results[2]
     assert sorted(results[0]) == list(range(1, 21))  # no number wasted
+
+
+def test_name_counters_of_two_processes_never_hand_out_the_same_number(tmp_path: Path) -> None:
+    from node.archive.pseudonyms import NameCounter
+
+    db = open_index(url(tmp_path))
+    a, b = NameCounter(db, block=4), NameCounter(db, block=4)
+    taken = [a.take(), b.take(), a.take(), b.take()] + [a.take() for _ in range(5)]
+    assert len(set(taken)) == len(taken) and taken[:3] == [1, 5, 2]
+    assert NameCounter(db, block=4).take() == 13  # a restart skips what was reserved: unique, not dense

@@ -30,18 +30,44 @@ FLUSH_EVERY = 512
 MEMO_SIZE = 200_000
 
 
-def next_anonymization_number(db: Database) -> int:
+def next_anonymization_number(db: Database, count: int = 1) -> int:
     """Take the next N of ``Anonymized<N>`` from the index-wide counter (Orthanc's global property
-    ``AnonymizationSequence``); call inside a write transaction."""
+    ``AnonymizationSequence``); with ``count`` > 1, reserve N..N+count-1. Call inside a write transaction."""
     counter = Property.select().where(Property.key == NAME_COUNTER)
     if not isinstance(db, SqliteDatabase):  # SQLite's write lock is the whole file; PostgreSQL locks the row
         counter = counter.for_update()
     row = counter.first()
     number = int(row.value) + 1 if row is not None else 1
-    Property.insert(key=NAME_COUNTER, value=str(number)).on_conflict(
-        conflict_target=[Property.key], update={Property.value: str(number)}
+    last = str(number + count - 1)
+    Property.insert(key=NAME_COUNTER, value=last).on_conflict(
+        conflict_target=[Property.key], update={Property.value: last}
     ).execute()
     return number
+
+
+class NameCounter:
+    """``Anonymized<N>`` numbers for one process, reserved from the index ``block`` at a time.
+
+    Every ``/anonymize`` call takes a number (edge case 70); a durable commit per call would cost the REST
+    route more than the anonymization of a small instance. Numbers stay unique across processes and
+    restarts; a restart skips what was reserved and not used (Orthanc promises no more than uniqueness).
+    """
+
+    def __init__(self, db: Database, block: int = 32) -> None:
+        self.db = db
+        self.block = block
+        self._lock = threading.Lock()
+        self._next = self._end = 0
+
+    def take(self) -> int:
+        with self._lock:
+            if self._next >= self._end:
+                self.db.connect(reuse_if_open=True)  # this thread's connection, left open for its next call
+                with write_transaction(self.db):
+                    self._next = next_anonymization_number(self.db, self.block)
+                self._end = self._next + self.block
+            number, self._next = self._next, self._next + 1
+            return number
 
 
 def project_key(db: Database, project: str) -> bytes:

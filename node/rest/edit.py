@@ -9,16 +9,15 @@ whatever the Content-Type says (``curl -d`` sends form-encoded).
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from pydicom.uid import generate_uid
 
-from node.archive.db import write_transaction
-from node.archive.models import Instance
-from node.archive.pseudonyms import next_anonymization_number
-from node.archive.store import Archive
+from node.archive.pseudonyms import NameCounter
+from node.archive.store import Archive, _sql
 from node.dicom import fileio
 from node.dicom.apply import apply
 from node.dicom.request import parse_anonymize, parse_modify
@@ -39,35 +38,44 @@ def parse_json(raw: bytes) -> Any:
         raise bad_request(f"the request body is not valid JSON: {exc}") from None
 
 
-def _edit(archive: Archive, public_id: str, raw: bytes, anonymize: bool) -> bytes:
+def file_of(archive: Archive, public_id: str) -> Path:
+    """The stored file of an instance (404 if unknown): one indexed SELECT on this thread's connection."""
+    db = archive.db
+    db.connect(reuse_if_open=True)
+    row = db.execute_sql(_sql(db, 'SELECT file_uuid FROM "instance" WHERE public_id = ?'), (public_id,)).fetchone()
+    if row is None:
+        raise unknown_resource(f"no instance with ID {public_id!r}")
+    return archive.storage.locate(row[0])
+
+
+def _edit(archive: Archive, counter: NameCounter, public_id: str, raw: bytes, anonymize: bool) -> list[Any]:
     body = parse_json(raw)
     mod = parse_anonymize(body) if anonymize else parse_modify(body)  # RequestError: 400 naming the field
-    with archive.db.connection_context():
-        row = Instance.get_or_none(Instance.public_id == public_id)
-        if row is None:
-            raise unknown_resource(f"no instance with ID {public_id!r}")
-        counter = None
-        if mod.needs_name_counter:
-            with write_transaction(archive.db):
-                counter = next_anonymization_number(archive.db)
-    loaded = fileio.load(archive.storage.locate(row.file_uuid))
-    apply(loaded.ds, mod, MemoryUidMap(), patient_name_counter=counter)
+    path = file_of(archive, public_id)
+    number = counter.take() if mod.needs_name_counter else None
+    loaded = fileio.load(path)
+    apply(loaded.ds, mod, MemoryUidMap(), patient_name_counter=number)
     syntax = None
     if mod.transcode and mod.transcode != loaded.transfer_syntax:
         if transcode(loaded.ds, mod.transcode):  # lossy: not the same instance any more
             loaded.ds.SOPInstanceUID = generate_uid()
             loaded.ds.file_meta.MediaStorageSOPInstanceUID = loaded.ds.SOPInstanceUID
         syntax = mod.transcode
-    return b"".join(bytes(c) for c in fileio.encode(loaded, syntax))
+    return fileio.encode(loaded, syntax)
 
 
 @router.post("/instances/{public_id}/anonymize", summary="The instance anonymized (Orthanc /anonymize body)")
 async def anonymize_instance(request: Request, public_id: str) -> Response:
-    data = await run_in_threadpool(_edit, request.app.state.archive, public_id, await request.body(), True)
-    return Response(data, media_type="application/dicom")
+    return await _respond(request, public_id, True)
 
 
 @router.post("/instances/{public_id}/modify", summary="The instance modified (Orthanc /modify body)")
 async def modify_instance(request: Request, public_id: str) -> Response:
-    data = await run_in_threadpool(_edit, request.app.state.archive, public_id, await request.body(), False)
-    return Response(data, media_type="application/dicom")
+    return await _respond(request, public_id, False)
+
+
+async def _respond(request: Request, public_id: str, anonymize: bool) -> Response:
+    state = request.app.state
+    chunks = await run_in_threadpool(_edit, state.archive, state.name_counter, public_id, await request.body(),
+                                     anonymize)  # fmt: skip
+    return Response(b"".join(chunks), media_type="application/dicom")

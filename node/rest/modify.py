@@ -19,9 +19,8 @@ from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 
 from node.archive import rewrite
-from node.archive.db import write_transaction
 from node.archive.models import Instance, Metadata, Patient, Series, Study
-from node.archive.pseudonyms import next_anonymization_number
+from node.archive.pseudonyms import NameCounter
 from node.archive.storage import is_disk_error
 from node.archive.store import Archive, Origin, delete_instance
 from node.dicom.levels import Level
@@ -145,14 +144,10 @@ class Plan:
         return "AnonymizedFrom" if self.mod.is_anonymization else "ModifiedFrom"
 
 
-def modify_transform(archive: Archive, mod: Modification) -> rewrite.ModifyTransform:
+def modify_transform(counter: NameCounter, mod: Modification) -> rewrite.ModifyTransform:
     """The job's transform: a fresh key (Orthanc's per-request UID map) and, for an anonymization, the job's
     ``Anonymized<N>`` drawn from the index-wide counter."""
-    counter = None
-    if mod.needs_name_counter:
-        with archive.db.connection_context(), write_transaction(archive.db):
-            counter = next_anonymization_number(archive.db)
-    return rewrite.ModifyTransform(mod, os.urandom(32), counter)
+    return rewrite.ModifyTransform(mod, os.urandom(32), counter.take() if mod.needs_name_counter else None)
 
 
 def run_plan(archive: Archive, plan: Plan, ctx: JobContext, transform: rewrite.Transform) -> rewrite.Outcome:
@@ -277,8 +272,10 @@ def _register(url_level: str, anonymize: bool) -> None:
         plan = await run_in_threadpool(plan_for, request, [public_id], keep_source_flag(body, True), mod)
         archive = request.app.state.archive
 
+        counter = request.app.state.name_counter
+
         def work(ctx: JobContext) -> dict[str, Any]:
-            return _single_output(mod, plan, run_plan(archive, plan, ctx, modify_transform(archive, mod)), level)
+            return _single_output(mod, plan, run_plan(archive, plan, ctx, modify_transform(counter, mod)), level)
 
         return await run_in_threadpool(request.app.state.jobs.run, "ResourceModification", work, body)
 
@@ -318,8 +315,10 @@ async def _bulk(request: Request, anonymize: bool) -> dict[str, Any]:
     plan = await run_in_threadpool(plan_for, request, parents, keep_source_flag(body, True), mod)
     archive = request.app.state.archive
 
+    counter = request.app.state.name_counter
+
     def work(ctx: JobContext) -> dict[str, Any]:
-        return _bulk_output(mod, plan, run_plan(archive, plan, ctx, modify_transform(archive, mod)))
+        return _bulk_output(mod, plan, run_plan(archive, plan, ctx, modify_transform(counter, mod)))
 
     return await run_in_threadpool(request.app.state.jobs.run, "ResourceModification", work, body)
 
