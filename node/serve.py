@@ -122,12 +122,18 @@ def http_host(cfg: Config) -> str:
 
 def _run_http(cfg: Config, stop: StopFlag, slot: str) -> None:
     """The REST API (uvicorn, in a thread of this process so that ``stop`` ends it like the other children)."""
+    import pydicom
     import uvicorn
 
+    from node.archive import rewrite
     from node.rest.app import create_app
 
+    # What the REST API writes is checked by the request parser; pydicom's per-assignment checks only cost time.
+    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+    pydicom.config.settings.writing_validation_mode = pydicom.config.IGNORE
     archive = _open(cfg, slot)
-    server = uvicorn.Server(uvicorn.Config(create_app(cfg, archive), host=http_host(cfg), port=cfg["HttpPort"],
+    app = create_app(cfg, archive)
+    server = uvicorn.Server(uvicorn.Config(app, host=http_host(cfg), port=cfg["HttpPort"],
                                            log_level="warning", access_log=False, lifespan="off"))  # fmt: skip
     thread = threading.Thread(target=server.run, name="rest", daemon=True)
     thread.start()
@@ -138,6 +144,8 @@ def _run_http(cfg: Config, stop: StopFlag, slot: str) -> None:
     finally:
         server.should_exit = True
         thread.join(10)
+        app.state.jobs.shutdown()
+        rewrite.shutdown_pool()
         archive.close()
 
 
