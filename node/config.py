@@ -59,6 +59,9 @@ DEFAULTS: dict[str, Any] = {
     "RoutingBatchSize": 32,
     "ConcurrentJobs": 2,
     "JobsProcesses": 0,
+    "CaseSensitivePN": False,
+    "LimitFindResults": 0,
+    "LimitFindInstances": 0,
 }
 
 #: Keys of Orthanc 1.10's configuration (and its common plugin sections) that we accept but do not implement
@@ -350,9 +353,9 @@ def _validate(values: dict[str, Any], source: str, base_dir: Path, warnings: lis
     if not 1 <= values["RoutingBatchSize"] <= 40:
         raise ConfigError(f"{source}: key 'RoutingBatchSize' must be 1..40 (an association carries at most 128 "
                           f"presentation contexts, 3 per instance), got {values['RoutingBatchSize']}")  # fmt: skip
-    for key in ("RoutingWorkers", "JobsProcesses"):
+    for key in ("RoutingWorkers", "JobsProcesses", "LimitFindResults", "LimitFindInstances"):
         if values[key] < 0:
-            raise ConfigError(f"{source}: key {key!r} must be 0 (one per core) or more")
+            raise ConfigError(f"{source}: key {key!r} must be 0 or more (0: one per core, or no limit)")
     if not 0 < values["RoutingRetryDelay"] <= values["RoutingRetryMaxDelay"]:
         raise ConfigError(f"{source}: keys 'RoutingRetryDelay' and 'RoutingRetryMaxDelay' must satisfy "
                           f"0 < RoutingRetryDelay <= RoutingRetryMaxDelay")  # fmt: skip
