@@ -12,7 +12,6 @@ from collections.abc import Callable
 from typing import Any
 
 from node.archive import outbox
-from node.archive.models import Outbox
 
 
 def _archive(args: argparse.Namespace) -> tuple[Any, Any]:
@@ -47,7 +46,7 @@ def cmd_queue(args: argparse.Namespace) -> int:
                 print(f"{n} dead rows discarded")
                 return 0
             stats = [s for s in outbox.stats(db, args.rule) if args.destination in (None, s.destination)]
-            errors = _dead_errors(args.rule, args.destination)
+            errors = outbox.dead_errors(db, args.rule, args.destination)
     finally:
         archive.close()
     if args.json:
@@ -63,17 +62,6 @@ def cmd_queue(args: argparse.Namespace) -> int:
     for e in errors:
         print(f"dead: {e['Count']} rows to {e['Destination']} ({e['Rule']}): {e['Error']}")
     return 0
-
-
-def _dead_errors(rule: str | None, destination: str | None) -> list[dict[str, Any]]:
-    """The distinct last errors of dead rows (what an operator must fix before ``queue retry``)."""
-    from peewee import fn
-
-    query = Outbox.select(Outbox.destination, Outbox.rule, Outbox.last_error, fn.COUNT(Outbox.id)).where(
-        outbox._scope(rule, destination) & (Outbox.state == outbox.DEAD)
-    )
-    rows = query.group_by(Outbox.destination, Outbox.rule, Outbox.last_error).order_by(fn.COUNT(Outbox.id).desc())
-    return [{"Destination": d, "Rule": r, "Error": e, "Count": n} for d, r, e, n in rows.limit(20).tuples()]
 
 
 def cmd_replay(args: argparse.Namespace) -> int:

@@ -21,6 +21,7 @@ import random
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from peewee import Database, fn
 
@@ -311,6 +312,22 @@ class QueueStats:
     def as_dict(self) -> dict[str, object]:
         return {"Destination": self.destination, "Pending": self.pending, "InFlight": self.in_flight,
                 "Done": self.done, "Dead": self.dead, "OldestPendingSeconds": self.oldest_pending_s}  # fmt: skip
+
+
+def dead_errors(db: Database, rule: str | None = None, destination: str | None = None) -> list[dict[str, Any]]:
+    """The distinct last errors of dead rows, most frequent first (what an operator must fix before a retry)."""
+    query = (
+        Outbox.select(Outbox.destination, Outbox.rule, Outbox.last_error, fn.COUNT(Outbox.id))
+        .where(_scope(rule, destination) & (Outbox.state == DEAD))
+        .group_by(Outbox.destination, Outbox.rule, Outbox.last_error)
+        .order_by(fn.COUNT(Outbox.id).desc())
+    )
+    return [{"Destination": d, "Rule": r, "Error": e, "Count": n} for d, r, e, n in query.limit(20).tuples()]
+
+
+def rules(db: Database) -> list[str]:
+    """The rules that have rows (a rule removed from the configuration may still have some)."""
+    return [r for (r,) in Outbox.select(Outbox.rule).distinct().order_by(Outbox.rule).tuples()]
 
 
 def stats(db: Database, rule: str | None = None) -> list[QueueStats]:

@@ -138,6 +138,8 @@ class Connection:
     assoc: Association | None = None
     accepted: dict[tuple[str, str], bool] = field(default_factory=dict)
     message_id: int = 0
+    #: Move Originator AE title and message ID (a C-STORE on behalf of a C-MOVE; REST's ``MoveOriginatorAet``).
+    originator: tuple[str, int] | None = None
 
     def open(self, items: list[Outgoing]) -> None:
         """Associate, proposing the contexts ``items`` need."""
@@ -184,7 +186,9 @@ class Connection:
             syntax = fallback
         self.message_id = self.message_id % 65535 + 1
         try:
-            status = assoc.send_c_store(path, msg_id=self.message_id)
+            originator_aet, originator_id = self.originator or (None, None)
+            status = assoc.send_c_store(path, msg_id=self.message_id, originator_aet=originator_aet,
+                                        originator_id=originator_id)  # fmt: skip
         except (TimeoutError, ConnectionError, BrokenPipeError) as exc:  # the peer stopped reading or went away
             assoc.abort()
             return Sent(False, None, f"sending failed: {type(exc).__name__}: {exc}", syntax, association_lost=True)

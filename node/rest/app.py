@@ -13,7 +13,7 @@ import hmac
 import uuid
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from peewee import fn
@@ -22,11 +22,12 @@ from starlette.exceptions import HTTPException
 
 from node import __version__
 from node.archive.models import Change, Instance, Patient, Series, Study
+from node.archive.pseudonyms import NameCounter
 from node.archive.query import statistics
 from node.archive.store import Archive
 from node.config import Config
 from node.dicom.errors import RequestError
-from node.rest import edit, errors, resources, upload
+from node.rest import content, edit, errors, find, gateway, jobs, modalities, modify, resources, split_merge, upload
 from node.rest.errors import RestError, bad_request
 
 API_VERSION = 18  # Orthanc 1.10.1's ApiVersion: what clients check before using a route
@@ -50,6 +51,8 @@ def create_app(cfg: Config, archive: Archive) -> FastAPI:
                   description="Orthanc-compatible REST API of dicom-node")  # fmt: skip
     app.state.archive = archive
     app.state.cfg = cfg
+    app.state.jobs = jobs.JobEngine(cfg["ConcurrentJobs"])
+    app.state.name_counter = NameCounter(archive.db)
     if cfg["AuthenticationEnabled"]:
         users = {u.encode(): p.encode() for u, p in cfg["RegisteredUsers"].items()}
 
@@ -107,7 +110,8 @@ def create_app(cfg: Config, archive: Archive) -> FastAPI:
         return str(uuid.uuid4()) if level == "patient" else str(generate_uid())
 
     @app.get("/changes", summary="The changes log (NewInstance, NewSeries, StableStudy, Deleted…) after 'since'")
-    def changes(since: int = 0, limit: int = 100, last: str | None = None) -> dict[str, Any]:
+    def changes(since: int = Query(0, ge=0, le=resources.MAX_INT), limit: int = 100,
+                last: str | None = None) -> dict[str, Any]:  # fmt: skip
         plural = {"Patient": "patients", "Study": "studies", "Series": "series", "Instance": "instances"}
         with archive.db.connection_context():
             if last is not None:  # ?last: only the newest change
@@ -144,4 +148,11 @@ def create_app(cfg: Config, archive: Archive) -> FastAPI:
     app.include_router(resources.router)
     app.include_router(upload.router)
     app.include_router(edit.router)
+    app.include_router(content.router)
+    app.include_router(jobs.router)
+    app.include_router(modify.router)
+    app.include_router(split_merge.router)
+    app.include_router(find.router)
+    app.include_router(modalities.router)
+    app.include_router(gateway.router)
     return app

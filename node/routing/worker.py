@@ -25,7 +25,7 @@ from pydicom import config as pydicom_config
 from pydicom.errors import InvalidDicomError
 
 from node import logs
-from node.archive import outbox
+from node.archive import modalities, outbox
 from node.archive.models import Instance, utcnow
 from node.archive.store import Archive, Origin, delete_instance, store
 from node.config import Config, Modality
@@ -86,6 +86,7 @@ class Worker:
         if not batch:
             return False
         destination = batch[0].destination
+        modality = None if destination == ARCHIVE else self._modality(destination)
         rows = {r.public_id: r for r in Instance.select().where(Instance.public_id.in_([d.instance for d in batch]))}
         work: list[tuple[outbox.Delivery, Instance, Route]] = []
         for d in batch:
@@ -94,7 +95,7 @@ class Worker:
                 self._failed([d], f"rule {d.rule!r} is no longer in the configuration", None, final=True)
             elif d.instance not in rows:
                 self._failed([d], "the instance is no longer in the archive", None, final=True)
-            elif destination != ARCHIVE and destination not in self.modalities:
+            elif destination != ARCHIVE and modality is None:
                 self._failed([d], f"destination {destination!r} is no longer in DicomModalities", None, final=True)
             else:
                 work.append((d, rows[d.instance], route))
@@ -192,12 +193,22 @@ class Worker:
                 recorded += [d for d in delivered if d.id in ids]
         self._delete_sources(recorded)
 
+    def _modality(self, name: str) -> Modality | None:
+        """Resolved before each batch (configuration, overridden by the index): a modality repointed over REST
+        (``PUT /modalities/{name}``) takes effect at the next batch, in every worker process."""
+        found = modalities.lookup(self.cfg, self.db, name)
+        if found is not None:
+            self.modalities[name] = found
+        return found
+
     def _connection(self, destination: str) -> Connection:
+        m = self.modalities[destination]
+        target = Target(m.aet, m.host, m.port)
         conn = self.connections.get(destination)
-        if conn is None:
-            m = self.modalities[destination]
-            conn = Connection(Target(m.aet, m.host, m.port), self.cfg["DicomAet"],
-                              timeout=float(self.cfg["DicomScpTimeout"]))  # fmt: skip
+        if conn is None or conn.target != target:
+            if conn is not None:
+                conn.close()
+            conn = Connection(target, self.cfg["DicomAet"], timeout=float(self.cfg["DicomScpTimeout"]))
             self.connections[destination] = conn
         return conn
 
