@@ -2,4 +2,5 @@
 
 from node.cli import main
 
-raise SystemExit(main())
+if __name__ == "__main__":  # worker processes started by forkserver import this module again as __mp_main__
+    raise SystemExit(main())

@@ -22,7 +22,7 @@ from node.archive import rewrite
 from node.archive.models import Instance, Metadata, Patient, Series, Study
 from node.archive.pseudonyms import NameCounter
 from node.archive.storage import is_disk_error
-from node.archive.store import Archive, Origin, delete_instance
+from node.archive.store import Archive, Origin, _sql, delete_instance
 from node.dicom.levels import Level
 from node.dicom.maintags import PATIENT_TAGS
 from node.dicom.request import PATIENT_ID, Modification, parse_anonymize, parse_modify
@@ -162,7 +162,7 @@ def run_plan(archive: Archive, plan: Plan, ctx: JobContext, transform: rewrite.T
             archive, items, transform, plan.origin, processes=plan.processes, outcome=outcome,
             metadata=(lambda source: {name: source}) if name else (lambda source: {}),
             deliveries=_deliveries(plan.routes, plan.origin),
-            exists=lambda public_id: Instance.select().where(Instance.public_id == public_id).exists(),
+            exists=lambda public_id: _exists(archive, public_id),
             progress=ctx.progress, check=ctx.check,
         )  # fmt: skip
         if name:
@@ -178,6 +178,11 @@ def run_plan(archive: Archive, plan: Plan, ctx: JobContext, transform: rewrite.T
             if source.instance not in outputs:
                 delete_instance(archive, source.instance)
     return outcome
+
+
+def _exists(archive: Archive, public_id: str) -> bool:
+    db = archive.db
+    return db.execute_sql(_sql(db, 'SELECT 1 FROM "instance" WHERE public_id = ?'), (public_id,)).fetchone() is not None
 
 
 def _deliveries(routes: Sequence[Any], origin: Origin) -> Callable[[str], Sequence[tuple[str, str]]]:
