@@ -19,6 +19,9 @@ from node.rest.errors import bad_request, unknown_resource
 
 router = APIRouter()
 
+#: Bounds of integer query parameters (SQLite's and PostgreSQL's BIGINT).
+MAX_INT = 2**63 - 1
+
 LEVELS: dict[str, type[Model]] = {"patients": Patient, "studies": Study, "series": Series, "instances": Instance}
 
 
@@ -94,8 +97,8 @@ def _one(level: str, request: Request, public_id: str) -> dict[str, Any]:
 
 
 def _register(level: str) -> None:
-    def list_resources(request: Request, expand: str | None = None, since: int = Query(0),
-                       limit: int = Query(0)) -> Any:  # fmt: skip
+    def list_resources(request: Request, expand: str | None = None, since: int = Query(0, ge=0, le=MAX_INT),
+                       limit: int = Query(0, ge=0, le=MAX_INT)) -> Any:  # fmt: skip
         return _list(level, request, expand, since, limit)
 
     def one_resource(request: Request, public_id: str) -> dict[str, Any]:
