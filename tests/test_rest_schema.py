@@ -43,5 +43,5 @@ def test_the_openapi_document_and_docs_are_served() -> None:
 @settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck))
 def test_no_generated_request_makes_the_server_fail(case: schemathesis.Case) -> None:
     response = case.call()
-    assert response.status_code < 500 or response.status_code == 507, (case.method, case.formatted_path,
-                                                                        response.status_code, response.text)  # fmt: skip
+    where = (case.method, case.formatted_path, response.status_code, response.text)
+    assert response.status_code < 500 or response.status_code == 507, where
