@@ -98,7 +98,7 @@ async def split(request: Request, public_id: str) -> dict[str, Any]:
 def _target_values(archive: Any, study: Study) -> tuple[tuple[int, str | None], ...]:
     """The target study's patient and study module values, read from one of its instances: what every merged
     instance gets (a tag the target lacks, holds as a sequence or as a long value is removed from them)."""
-    row = (Instance.select().join(Series).where(Series.study == study.id).order_by(Instance.id).first())
+    row = Instance.select().join(Series).where(Series.study == study.id).order_by(Instance.id).first()
     if row is None:
         raise unknown_resource(f"study {study.public_id} has no instance to merge into")
     ds = fileio.read_header(archive.storage.locate(row.file_uuid))
