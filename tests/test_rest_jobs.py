@@ -352,3 +352,34 @@ def test_merge_into_a_study(rest_client: TestClient, rest_archive: Archive, stud
     for bad in ([study["study"]], [study["series"]], [study["patient"]], ["nope"]):
         assert rest_client.post(f"/studies/{study['study']}/merge", json={"Resources": bad}).status_code == 404
     assert rest_client.post(f"/studies/{study['study']}/merge", json={}).status_code == 400
+
+
+def test_cancel_stops_a_running_job_and_resubmit_runs_it_again() -> None:
+    import threading
+
+    from node.rest.jobs import JobContext, JobEngine
+
+    started, runs = threading.Event(), []
+
+    def work(ctx: JobContext) -> dict[str, Any]:
+        runs.append(1)
+        started.set()
+        for i in range(2000):
+            ctx.check()
+            ctx.progress(i, 2000)
+            time.sleep(0.005)
+        return {"Done": True}
+
+    engine = JobEngine(1)
+    job = engine.submit("Test", work)
+    assert started.wait(10)
+    engine.cancel(job.id)
+    assert job.done_event.wait(10)
+    described = job.describe()
+    assert described["State"] == "Failure" and described["ErrorCode"] == 37 and 0 <= described["Progress"] < 100
+    engine.resubmit(job.id)
+    started.clear()
+    assert started.wait(10) and len(runs) == 2
+    engine.cancel(job.id)
+    assert job.done_event.wait(10)
+    engine.shutdown()
