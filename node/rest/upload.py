@@ -33,6 +33,8 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from peewee import PeeweeException
+from python_multipart import MultipartParser
+from python_multipart.exceptions import MultipartParseError
 
 from node.archive.storage import SpoolFile, is_disk_error
 from node.archive.store import Archive, Origin, store
@@ -199,77 +201,66 @@ class MultipartError(ValueError):
 
 
 class MultipartSplitter:
-    """Splits a ``multipart/form-data`` stream while it arrives: each file part goes to its own sink.
+    """Splits a ``multipart/form-data`` stream while it arrives (python-multipart's streaming parser): each file
+    part goes to its own sink.
 
     ``open_part(headers)`` gets a part's headers and returns where its content goes (or None to drop a plain
-    form field). Only the part headers and a boundary's length of content are ever buffered.
+    form field). Only the part headers are ever buffered.
     """
 
     def __init__(self, boundary: str, open_part: Callable[[Message], SpoolFile | None]) -> None:
-        self.delimiter = b"--" + boundary.encode("latin-1")
-        self.marker = b"\r\n" + self.delimiter
         self.open_part = open_part
-        self.buf = b""
-        self.state = "preamble"
         self.sink: SpoolFile | None = None
+        self.done = False
+        self._headers: list[str] = []
+        self._field = self._value = b""
+        self._delimiter = b"--" + boundary.encode("latin-1")
+        self._preamble: bytes | None = b""  # RFC 2046 allows text before the first boundary; the parser does not
 
-    @property
-    def done(self) -> bool:
-        return self.state == "done"
+        def header_field(data: bytes, start: int, end: int) -> None:
+            self._field += data[start:end]
 
-    def _write(self, data: bytes) -> None:
-        if self.sink is not None and data:
-            self.sink.write(data)
+        def header_value(data: bytes, start: int, end: int) -> None:
+            self._value += data[start:end]
+
+        def header_end() -> None:
+            self._headers.append(f"{self._field.decode('latin-1')}: {self._value.decode('latin-1')}")
+            self._field = self._value = b""
+
+        def headers_finished() -> None:
+            self.sink = self.open_part(HeaderParser().parsestr("\r\n".join(self._headers)))
+            self._headers = []
+
+        def part_data(data: bytes, start: int, end: int) -> None:
+            if self.sink is not None:
+                self.sink.write(data[start:end])
+
+        def part_end() -> None:
+            self.sink = None
+
+        def end() -> None:
+            self.done = True
+
+        callbacks = {"on_header_field": header_field, "on_header_value": header_value, "on_header_end": header_end,
+                     "on_headers_finished": headers_finished, "on_part_data": part_data, "on_part_end": part_end,
+                     "on_end": end}  # fmt: skip
+        self._parser = MultipartParser(boundary, callbacks, max_header_size=_MAX_PART_HEADERS)  # type: ignore[arg-type]
 
     def feed(self, data: bytes) -> None:
-        if self.state == "done":
+        if self.done:
             return
-        self.buf += data
-        while True:
-            if self.state == "preamble":
-                i = self.buf.find(self.delimiter)
-                if i < 0:
-                    self.buf = self.buf[-len(self.delimiter) :]
-                    return
-                self.buf = self.buf[i + len(self.delimiter) :]
-                self.state = "after-delimiter"
-            elif self.state == "after-delimiter":
-                if len(self.buf) < 2:
-                    return
-                if self.buf.startswith(b"--"):
-                    self.state, self.buf = "done", b""
-                    return
-                j = self.buf.find(b"\r\n")
-                if j < 0:
-                    if len(self.buf) > 1024:
-                        raise MultipartError("no line break after a boundary")
-                    return
-                self.buf = self.buf[j + 2 :]
-                self.state = "headers"
-            elif self.state == "headers":
-                if self.buf.startswith(b"\r\n"):
-                    head, self.buf = b"", self.buf[2:]
-                else:
-                    j = self.buf.find(b"\r\n\r\n")
-                    if j < 0:
-                        if len(self.buf) > _MAX_PART_HEADERS:
-                            raise MultipartError(f"part headers longer than {_MAX_PART_HEADERS} bytes")
-                        return
-                    head, self.buf = self.buf[:j], self.buf[j + 4 :]
-                self.sink = self.open_part(HeaderParser().parsestr(head.decode("latin-1")))
-                self.state = "content"
-            elif self.state == "content":
-                j = self.buf.find(self.marker)
-                if j < 0:
-                    keep = len(self.marker) - 1
-                    if len(self.buf) > keep:
-                        self._write(self.buf[:-keep])
-                        self.buf = self.buf[-keep:]
-                    return
-                self._write(self.buf[:j])
-                self.buf = self.buf[j + len(self.marker) :]
-                self.sink = None
-                self.state = "after-delimiter"
+        if self._preamble is not None:
+            self._preamble += data
+            i = self._preamble.find(self._delimiter)
+            if i < 0:
+                if len(self._preamble) > _MAX_PART_HEADERS:
+                    raise MultipartError(f"no boundary in the first {_MAX_PART_HEADERS} bytes")
+                return
+            data, self._preamble = self._preamble[i:], None
+        try:
+            self._parser.write(data)
+        except MultipartParseError as exc:
+            raise MultipartError(str(exc)) from None
 
 
 def form_boundary(content_type: str) -> str | None:
