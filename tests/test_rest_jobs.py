@@ -270,6 +270,8 @@ def test_a_failing_job_leaves_nothing_half_done(rest_client: TestClient, rest_ar
     assert job["State"] == "Failure" and job["ErrorCode"] == 2018 and "cannot read" in job["ErrorDetails"]
     assert ok(rest_client.get("/statistics"))["CountInstances"] == 4
     assert ok(rest_client.post(f"/jobs/{job_id}/resubmit")) == {}
+    assert _wait_job(rest_client, job_id)["State"] == "Failure"  # the file is still broken
+    assert ok(rest_client.get("/statistics"))["CountInstances"] == 4
 
 
 def test_bad_bodies_are_refused_before_anything_runs(rest_client: TestClient, study: dict) -> None:
@@ -383,3 +385,43 @@ def test_cancel_stops_a_running_job_and_resubmit_runs_it_again() -> None:
     engine.cancel(job.id)
     assert job.done_event.wait(10)
     engine.shutdown()
+
+
+def test_routing_deliveries_of_a_job_are_queued_only_when_it_succeeds(tmp_path: Path) -> None:
+    from node.archive.models import Instance, Outbox
+
+    cfg = config.build(None, {"StorageDirectory": str(tmp_path / "st"), "IndexDirectory": str(tmp_path),
+                              "DicomModalities": {"dest": ["DEST", "127.0.0.1", 1]},
+                              "Routes": [{"Name": "all", "Forward": ["dest"]}]}, environ={})  # fmt: skip
+    archive = open_archive(f"sqlite:///{tmp_path}/index.db", tmp_path / "st")
+    client = TestClient(create_app(cfg, archive))
+    for i in (1, 2, 3):
+        store_file(archive, make_instance(tmp_path / f"{i}.dcm", patient_id="R1", study_uid="6.1",
+                                          series_uid="6.1.1", sop_uid=f"6.1.1.{i}"))  # fmt: skip
+    sid = resource_ids("R1", "6.1", "x", "x").study
+    with archive.db.connection_context():
+        bad = Instance.get(Instance.public_id == resource_ids("R1", "6.1", "6.1.1", "6.1.1.3").instance)
+    good = archive.storage.locate(bad.file_uuid).read_bytes()
+    archive.storage.locate(bad.file_uuid).write_bytes(b"broken")
+    assert client.post(f"/studies/{sid}/modify", json={"Replace": {"StationName": "Z"}}).status_code == 500
+    with archive.db.connection_context():
+        assert Outbox.select().count() == 0  # store_file queues nothing (no routes there); the failed job neither
+    archive.storage.locate(bad.file_uuid).write_bytes(good)
+    out = ok(client.post(f"/studies/{sid}/modify", json={"Replace": {"StationName": "Z"}}))
+    new = {i["ID"] for i in ok(client.get(f"/studies/{out['ID']}/instances"))}
+    with archive.db.connection_context():
+        assert {r.instance for r in Outbox.select()} == new and {r.destination for r in Outbox.select()} == {"dest"}
+
+
+def test_in_place_checks_at_series_level_and_split_refuses_sequences(rest_client: TestClient, study: dict) -> None:
+    r = rest_client.post(
+        f"/series/{study['series']}/modify",
+        json={"Keep": ["SeriesInstanceUID", "SOPInstanceUID"], "Force": True, "Replace": {"SeriesDescription": "X"}},
+    )
+    assert r.status_code == 400 and "OverwriteInstances" in r.json()["Details"]  # would store nothing  # fmt: skip
+    r = rest_client.post(
+        f"/studies/{study['study']}/split",
+        json={"Series": [study["series"]], "Replace": {"ReferencedStudySequence": "x"}},
+    )
+    assert r.status_code == 400 and "ReferencedStudySequence" in r.json()["Details"]
+    assert ok(rest_client.get("/statistics"))["CountInstances"] == 4

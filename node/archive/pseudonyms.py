@@ -34,7 +34,8 @@ def next_anonymization_number(db: Database, count: int = 1) -> int:
     """Take the next N of ``Anonymized<N>`` from the index-wide counter (Orthanc's global property
     ``AnonymizationSequence``); with ``count`` > 1, reserve N..N+count-1. Call inside a write transaction."""
     counter = Property.select().where(Property.key == NAME_COUNTER)
-    if not isinstance(db, SqliteDatabase):  # SQLite's write lock is the whole file; PostgreSQL locks the row
+    if not isinstance(db, SqliteDatabase):  # SQLite's write lock is the whole file; PostgreSQL locks the row,
+        Property.insert(key=NAME_COUNTER, value="0").on_conflict_ignore().execute()  # which must exist first
         counter = counter.for_update()
     row = counter.first()
     number = int(row.value) + 1 if row is not None else 1

@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 from pydicom import config as pydicom_config
@@ -39,7 +40,7 @@ from pydicom.uid import generate_uid
 from node.archive.db import write_transaction
 from node.archive.models import Patient, Series, Study
 from node.archive.storage import SPOOL_SUFFIX
-from node.archive.store import Archive, Entry, Origin, StoreResult, delete_instance, store_many
+from node.archive.store import Archive, Entry, Origin, StoreBatchError, StoreResult, delete_instance, store_many
 from node.dicom import fileio
 from node.dicom.apply import apply
 from node.dicom.errors import RequestError
@@ -149,20 +150,26 @@ class _DoneSpool:
 _cache: dict[Any, Any] = {}
 
 
-def _rewrite_one(transform: Transform, source: str, path: str, spool_dir: str) -> Written:
+#: Exceptions of ours whose message is safe to show (they name tags and files, never values).
+_OWN_ERRORS = (RequestError, fileio.NotDicom, fileio.Truncated, MalformedDataset)
+
+
+def _reason(exc: BaseException) -> str:
+    """A failure's reason for logs and the job's ErrorDetails: pydicom's messages may quote a tag's value
+    (a name, an ID), so only our own messages are passed on; others are named by their type."""
+    return str(exc) if isinstance(exc, _OWN_ERRORS) else type(exc).__name__
+
+
+def _rewrite_one(transform: Transform, source: str, path: str, out: str) -> Written:
     try:
         loaded = fileio.load(path)
     except Exception as exc:  # noqa: BLE001 - reported, the job decides
-        raise RewriteError(f"instance {source}: cannot read its file: {type(exc).__name__}: {exc}") from None
+        raise RewriteError(f"instance {source}: cannot read its file: {_reason(exc)}") from None
     try:
         syntax = transform(loaded, _cache)
         chunks = fileio.encode(loaded, syntax)
-    except RequestError as exc:
-        raise RewriteError(f"instance {source}: {exc}") from None
     except Exception as exc:  # noqa: BLE001
-        raise RewriteError(f"instance {source}: {type(exc).__name__}: {exc}") from None
-    uuid = str(uuidlib.uuid4())
-    out = os.path.join(spool_dir, uuid + SPOOL_SUFFIX)
+        raise RewriteError(f"instance {source}: {_reason(exc)}") from None
     digest = hashlib.sha256()
     size = 0
     try:
@@ -173,14 +180,12 @@ def _rewrite_one(transform: Transform, source: str, path: str, spool_dir: str) -
                 size += len(chunk)
         # From the dataset in memory: re-reading the file just written cost a millisecond per instance.
         tags = dataclasses.replace(index_tags(loaded.ds), transfer_syntax=str(syntax or loaded.transfer_syntax))
-    except MalformedDataset as exc:
-        os.unlink(out)
-        raise RewriteError(f"instance {source}: the result is not storable: {exc}") from None
-    except BaseException:
+    except Exception as exc:  # noqa: BLE001 - a full disk, an unstorable result: this instance fails
         with contextlib.suppress(OSError):
             os.unlink(out)
-        raise
-    return Written(source, uuid, size, digest.hexdigest(), tags)
+        what = "the result is not storable" if isinstance(exc, MalformedDataset) else "cannot write the result"
+        raise RewriteError(f"instance {source}: {what}: {_reason(exc)}") from None
+    return Written(source, Path(out).name.removesuffix(SPOOL_SUFFIX), size, digest.hexdigest(), tags)
 
 
 def _init_worker() -> None:
@@ -189,14 +194,15 @@ def _init_worker() -> None:
     pydicom_config.settings.writing_validation_mode = pydicom_config.IGNORE
 
 
-def _chunk(transform: Transform, items: list[tuple[str, str]], spool_dir: str) -> list[Written | str]:
-    """Rewrite a few instances (one pickled transform for all); an error is returned as its message."""
+def _chunk(transform: Transform, items: list[Item], spool_dir: str) -> list[Written | str]:
+    """Rewrite a few instances (one pickled transform for all) into the spool names the job chose; an error is
+    returned as its message."""
     if len(_cache) > 64:
         _cache.clear()
     out: list[Written | str] = []
-    for source, path in items:
+    for source, path, uuid in items:
         try:
-            out.append(_rewrite_one(transform, source, path, spool_dir))
+            out.append(_rewrite_one(transform, source, path, os.path.join(spool_dir, uuid + SPOOL_SUFFIX)))
         except RewriteError as exc:
             out.append(str(exc))
     return out
@@ -253,14 +259,15 @@ class Stored:
 class Outcome:
     stored: list[Stored] = field(default_factory=list)
 
-    @property
-    def new_instances(self) -> list[str]:
-        return [s.result.ids.instance for s in self.stored if not s.preexisting]
+
+#: (source instance ID, its file, the spool uuid the result gets): the job names the outputs, so that it can
+#: remove them whatever happens to the worker that writes them.
+Item = tuple[str, str, str]
 
 
-def _chunks(items: Sequence[tuple[str, str]], size: int) -> Iterator[list[tuple[str, str]]]:
+def _chunks(items: Sequence[tuple[str, str]], size: int) -> Iterator[list[Item]]:
     for i in range(0, len(items), size):
-        yield list(items[i : i + size])
+        yield [(source, path, str(uuidlib.uuid4())) for source, path in items[i : i + size]]
 
 
 def rewrite(
@@ -271,8 +278,6 @@ def rewrite(
     *,
     processes: int = 0,
     metadata: Callable[[str], Mapping[str, str]] = lambda source: {},
-    deliveries: Callable[[str], Sequence[tuple[str, str]]] = lambda path: (),
-    exists: Callable[[str], bool] = lambda public_id: False,
     progress: Callable[[int, int], None] = lambda done, total: None,
     check: Callable[[], None] = lambda: None,
     outcome: Outcome | None = None,
@@ -280,7 +285,9 @@ def rewrite(
     """Rewrite ``items`` (source instance ID, file path) and store the results; returns what was stored.
 
     Raises :class:`RewriteError` for the first instance that fails (what was stored so far is in
-    ``outcome``, for :func:`rollback`), or whatever ``check`` raises (a cancelled job).
+    ``outcome``, for :func:`rollback`), or whatever ``check`` raises (a cancelled job). Results are indexed
+    without routing deliveries: the caller queues those once the whole job succeeded, so that a half job is
+    never forwarded.
     """
     outcome = outcome if outcome is not None else Outcome()
     total = len(items)
@@ -291,7 +298,7 @@ def rewrite(
     size = max(1, min(8, total // (workers * 4) or 1))
     queue = list(_chunks(items, size))
     queue.reverse()
-    in_flight: dict[Future[list[Written | str]], list[tuple[str, str]]] = {}
+    in_flight: dict[Future[list[Written | str]], list[Item]] = {}
     spool_dir = str(archive.storage.tmp)
     error: str | None = None
     try:
@@ -304,40 +311,44 @@ def rewrite(
                 except BrokenProcessPool:
                     _drop_pool(pool)
                     raise RewriteError("the rewriting processes died; try again") from None
-            done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
+            done, _ = wait(in_flight, timeout=0.5, return_when=FIRST_COMPLETED)  # a cancel is seen meanwhile
             for future in done:
                 chunk = in_flight.pop(future)
                 try:
                     results = future.result()
                 except BrokenProcessPool:
                     _drop_pool(pool)
-                    names = ", ".join(s for s, _ in chunk)
-                    raise RewriteError(f"a rewriting process died on one of the instances {names} "
+                    _discard(archive, chunk)
+                    names = ", ".join(source for source, _, _ in chunk)
+                    raise RewriteError(f"a rewriting process died while rewriting one of the instances {names} "
                                        "(a pixel codec crashed?)") from None  # fmt: skip
-                batch: list[Written] = []
-                for written in results:
-                    if isinstance(written, str):
-                        error = error or written
-                    elif error is not None:
-                        archive.storage.discard_spool(written.uuid)
-                    else:
-                        batch.append(written)
-                if batch:
-                    if archive.storage.sync:
-                        _make_durable(archive, batch)
-                    outcome.stored.extend(_store(archive, batch, origin, metadata, deliveries, exists))
-                    progress(len(outcome.stored), total)
+                batch = [w for w in results if isinstance(w, Written)]
+                failed = [w for w in results if isinstance(w, str)]
+                if failed or error is not None:
+                    error = error or failed[0]
+                    _discard(archive, chunk)
+                    continue
+                try:
+                    outcome.stored.extend(_store(archive, batch, origin, metadata))
+                except _PartlyStored as exc:
+                    outcome.stored.extend(exc.stored)
+                    cause = exc.cause.cause if isinstance(exc.cause, StoreBatchError) else exc.cause
+                    raise cause from None
+                progress(len(outcome.stored), total)
     finally:
-        for future, _chunk_items in in_flight.items():  # an error or a cancel: drop what is still coming
-            try:
-                for written in future.result():
-                    if isinstance(written, Written):
-                        archive.storage.discard_spool(written.uuid)
-            except Exception:  # noqa: BLE001 - the pool is gone; recovery sweeps the spool folder
-                continue
+        for future, chunk in in_flight.items():  # an error or a cancel: nothing more is stored
+            future.cancel()
+            with contextlib.suppress(Exception):
+                future.result(timeout=60)  # let the worker finish writing before its files are removed
+            _discard(archive, chunk)
     if error is not None:
         raise RewriteError(error)
     return outcome
+
+
+def _discard(archive: Archive, chunk: list[Item]) -> None:
+    for _, _, uuid in chunk:
+        archive.storage.discard_spool(uuid)
 
 
 _syncer = ThreadPoolExecutor(8, thread_name_prefix="fsync")
@@ -363,28 +374,36 @@ def _make_durable(archive: Archive, batch: list[Written]) -> None:
 
 
 def _store(
-    archive: Archive,
-    batch: list[Written],
-    origin: Origin,
-    metadata: Callable[[str], Mapping[str, str]],
-    deliveries: Callable[[str], Sequence[tuple[str, str]]],
-    exists: Callable[[str], bool],
+    archive: Archive, batch: list[Written], origin: Origin, metadata: Callable[[str], Mapping[str, str]]
 ) -> list[Stored]:
-    """Index a batch of rewritten instances in one transaction (:func:`store_many`)."""
-    entries, before = [], []
+    """Make a batch durable and index it in one transaction (:func:`store_many`). On failure, what was
+    committed is still recorded (for the rollback) and every other spool file is removed."""
+    entries = [Entry(_DoneSpool(w.uuid, str(archive.storage.spool_path(w.uuid)), w.size, w.sha256), w.tags, origin,
+                     (), metadata(w.source)) for w in batch]  # type: ignore[arg-type]  # fmt: skip
     try:
-        for w in batch:
-            spool = _DoneSpool(w.uuid, str(archive.storage.spool_path(w.uuid)), w.size, w.sha256)
-            t = w.tags
-            before.append(exists(resource_ids(t.patient_id, t.study_uid, t.series_uid, t.sop_uid).instance))
-            entries.append(Entry(spool, t, origin, deliveries(spool.name), metadata(w.source)))  # type: ignore[arg-type]
+        if archive.storage.sync:
+            _make_durable(archive, batch)
         results = store_many(archive, entries)
-    except BaseException:
-        for w in batch:
-            archive.storage.discard_spool(w.uuid)
+    except BaseException as exc:
+        stored = exc.stored if isinstance(exc, StoreBatchError) else []
+        for e in entries:
+            if not e.spool.committed:
+                archive.storage.discard_spool(e.spool.uuid)
+        if stored:
+            raise _PartlyStored([_stored(w, r) for w, r in zip(batch, stored, strict=False)], exc) from exc
         raise
-    return [Stored(w.source, r, pre or r.status == "AlreadyStored", w.tags)
-            for w, r, pre in zip(batch, results, before, strict=True)]  # fmt: skip
+    return [_stored(w, r) for w, r in zip(batch, results, strict=True)]
+
+
+def _stored(w: Written, r: StoreResult) -> Stored:
+    return Stored(w.source, r, r.status == "AlreadyStored" or r.replaced, w.tags)
+
+
+class _PartlyStored(Exception):
+    def __init__(self, stored: list[Stored], cause: BaseException) -> None:
+        super().__init__(str(cause))
+        self.stored = stored
+        self.cause = cause
 
 
 def rebuild_main_tags(archive: Archive, outcome: Outcome) -> None:
@@ -396,7 +415,8 @@ def rebuild_main_tags(archive: Archive, outcome: Outcome) -> None:
     """
     last: dict[str, IndexTags] = {}
     for s in outcome.stored:
-        last[s.result.ids.series] = s.tags
+        if s.result.status == "Success":  # an AlreadyStored output's tags describe a file that was not stored
+            last[s.result.ids.series] = s.tags
     db = archive.db
     with write_transaction(db):
         for tags in last.values():
@@ -413,10 +433,19 @@ def rebuild_main_tags(archive: Archive, outcome: Outcome) -> None:
             ).execute()
 
 
-def rollback(archive: Archive, outcome: Outcome) -> int:
-    """Delete the instances a failed job created (never one that existed before it). Returns how many."""
-    n = 0
-    for public_id in outcome.new_instances:
-        if delete_instance(archive, public_id):
-            n += 1
-    return n
+def rollback(archive: Archive, outcome: Outcome) -> tuple[int, list[str]]:
+    """Delete the instances a failed job created (never one that existed before it, never a newer copy).
+
+    Returns how many were removed and the IDs that could not be (each is tried on its own: a busy index must
+    not leave the rest behind).
+    """
+    removed, left = 0, []
+    for stored in outcome.stored:
+        if stored.preexisting:
+            continue
+        public_id = stored.result.ids.instance
+        try:
+            removed += delete_instance(archive, public_id, file_uuid=stored.result.path.name.removesuffix(SPOOL_SUFFIX))
+        except Exception:  # noqa: BLE001 - reported to the caller
+            left.append(public_id)
+    return removed, left

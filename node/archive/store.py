@@ -46,6 +46,7 @@ class StoreResult:
     ids: ResourceIds
     path: Path
     size: int
+    replaced: bool = False  # an indexed copy was overwritten (OverwriteInstances): the ID existed before
 
 
 @dataclass
@@ -274,7 +275,16 @@ def store(
     if status == "AlreadyStored":
         storage.discard_spool(spool.uuid)
         return StoreResult(status, ids, storage.locate(uuid), spool.size)
-    return StoreResult(status, ids, _after_commit(archive, spool.uuid, old_uuid), spool.size)
+    return StoreResult(status, ids, _after_commit(archive, spool.uuid, old_uuid), spool.size, old_uuid is not None)
+
+
+class StoreBatchError(Exception):
+    """:func:`store_many` failed part-way: ``stored`` holds the results of the entries committed before."""
+
+    def __init__(self, stored: list[StoreResult], cause: BaseException) -> None:
+        super().__init__(str(cause))
+        self.stored = stored
+        self.cause = cause
 
 
 @dataclass(frozen=True, slots=True)
@@ -289,20 +299,15 @@ class Entry:
 
 
 def store_many(archive: Archive, entries: Sequence[Entry]) -> list[StoreResult]:
-    """Store several spooled instances in one index transaction (a REST job's batch: one commit, one fsync
-    of the index, instead of one per instance). Same guarantees as :func:`store`; if the batch cannot be
-    committed as one (a concurrent writer changed a parent), each instance is stored on its own.
+    """Store several instances whose spool files are already durable and closed (written and fsynced by the
+    caller, as a REST job does) in one index transaction: one commit instead of one per instance.
 
-    Only for callers that answer after the whole batch: nothing is durable before the commit.
+    If the batch cannot be committed as one (a concurrent writer changed a parent), each instance is stored on
+    its own; a failure then raises :class:`StoreBatchError` with the results of those already committed (an
+    entry's ``spool.committed`` tells whether its file now belongs to the index). Only for callers that answer
+    after the whole batch: nothing is durable before the commit.
     """
-    if len(entries) < 2:
-        return [store(archive, e.spool, e.tags, e.origin, e.deliveries, e.metadata) for e in entries]
     storage = archive.storage
-    for e in entries:
-        try:
-            storage.make_durable(e.spool)
-        finally:
-            e.spool.close()
     now = utcnow()
     done: list[tuple[StoreStatus, str | None, str]] = []
     try:
@@ -314,11 +319,13 @@ def store_many(archive: Archive, entries: Sequence[Entry]) -> list[StoreResult]:
                                    e.metadata or {}))  # fmt: skip
     except (IntegrityError, _StaleCache):
         archive.series_cache.clear()
-        return [store(archive, e.spool, e.tags, e.origin, e.deliveries, e.metadata) for e in entries]
-    except BaseException:
+        stored: list[StoreResult] = []
         for e in entries:
-            storage.discard_spool(e.spool.uuid)
-        raise
+            try:
+                stored.append(store(archive, e.spool, e.tags, e.origin, e.deliveries, e.metadata))
+            except BaseException as exc:
+                raise StoreBatchError(stored, exc) from exc
+        return stored
     results = []
     for e, (status, old_uuid, uuid) in zip(entries, done, strict=True):
         ids = resource_ids(e.tags.patient_id, e.tags.study_uid, e.tags.series_uid, e.tags.sop_uid)
@@ -327,7 +334,8 @@ def store_many(archive: Archive, entries: Sequence[Entry]) -> list[StoreResult]:
             storage.discard_spool(e.spool.uuid)
             results.append(StoreResult(status, ids, storage.locate(uuid), e.spool.size))
         else:
-            results.append(StoreResult(status, ids, _after_commit(archive, e.spool.uuid, old_uuid), e.spool.size))
+            path = _after_commit(archive, e.spool.uuid, old_uuid)
+            results.append(StoreResult(status, ids, path, e.spool.size, old_uuid is not None))
     return results
 
 
@@ -365,21 +373,24 @@ def elapsed_ms(t0: float) -> float:
     return round((time.perf_counter() - t0) * 1000, 2)
 
 
-def delete_instance(archive: Archive, public_id: str, unless_queued: bool = False) -> bool:
+def delete_instance(
+    archive: Archive, public_id: str, unless_queued: bool = False, file_uuid: str | None = None
+) -> bool:
     """Remove an instance (and a series, study or patient left empty) from the index, then its file.
 
     The file goes through ``Garbage`` like a replaced one: a crash between the commit and the unlink leaves
     it for recovery, never an index row without its file. Returns False when the instance was not there, or
     (``unless_queued``) when an outbox row of it is not delivered yet: checked in the same transaction, so a
-    copy queued meanwhile (an overwrite, a replay) is never deleted under its row.
+    copy queued meanwhile (an overwrite, a replay) is never deleted under its row. With ``file_uuid``, only
+    that copy of the instance is deleted (a job deleting its sources must not delete a newer copy).
     """
     db = archive.db
     db.connect(reuse_if_open=True)
     now = utcnow()
     with write_transaction(db):
         inst = Instance.get_or_none(Instance.public_id == public_id)
-        if inst is None:
-            return False
+        if inst is None or (file_uuid is not None and inst.file_uuid != file_uuid):
+            return False  # gone, or replaced since the caller looked (``file_uuid``): not the copy it meant
         if unless_queued and Outbox.select().where((Outbox.instance == public_id) & (Outbox.state != "done")).exists():
             return False
         uuid = inst.file_uuid

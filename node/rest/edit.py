@@ -53,7 +53,10 @@ def _edit(archive: Archive, counter: NameCounter, public_id: str, raw: bytes, an
     mod = parse_anonymize(body) if anonymize else parse_modify(body)  # RequestError: 400 naming the field
     path = file_of(archive, public_id)
     number = counter.take() if mod.needs_name_counter else None
-    loaded = fileio.load(path)
+    try:
+        loaded = fileio.load(path)
+    except FileNotFoundError:  # deleted (or replaced by an overwrite) since it was looked up
+        raise unknown_resource(f"instance {public_id!r} was deleted meanwhile") from None
     apply(loaded.ds, mod, MemoryUidMap(), patient_name_counter=number)
     syntax = None
     if mod.transcode and mod.transcode != loaded.transfer_syntax:

@@ -13,12 +13,13 @@ what it had stored (routes decide; see ``edit``), so nothing is left half-applie
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import threading
 import time
 import uuid
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,6 +54,8 @@ class Job:
     started: float | None = None
     runtime: float = 0.0
     completed: dt.datetime | None = None
+    attempt: int = 0  # 1 on the first run, 2 after a resubmit…
+    future: Future[None] | None = None
     cancel_event: threading.Event = field(default_factory=threading.Event)
     done_event: threading.Event = field(default_factory=threading.Event)
 
@@ -87,6 +90,11 @@ class JobContext:
     def check(self) -> None:
         if self.job.cancel_event.is_set():
             raise JobCancelled
+
+    @property
+    def attempt(self) -> int:
+        """1 on the first run; a resubmitted job's work re-reads what may have changed since."""
+        return self.job.attempt
 
     @property
     def cancelled(self) -> bool:
@@ -130,6 +138,7 @@ class JobEngine:
 
     def _execute(self, job: Job) -> None:
         job.state, job.started, job.error, job.progress = "Running", time.monotonic(), None, 0
+        job.attempt += 1
         try:
             if job.cancel_event.is_set():
                 raise JobCancelled
@@ -148,47 +157,63 @@ class JobEngine:
             job.done_event.set()
 
     def submit(self, job_type: str, work: Callable[[JobContext], dict[str, Any]], priority: int = 0) -> Job:
+        """Queue a job on the engine's threads (``ConcurrentJobs`` run at once, the others are Pending)."""
         job = Job(id=str(uuid.uuid4()), type=job_type, work=work, priority=priority)
         self._register(job)
-        self._pool.submit(self._execute, job)
+        job.future = self._pool.submit(self._execute, job)
         return job
 
-    def run_inline(self, job_type: str, work: Callable[[JobContext], dict[str, Any]], priority: int = 0) -> Job:
-        """Run in the calling thread (a synchronous request) and register the job like any other."""
-        job = Job(id=str(uuid.uuid4()), type=job_type, work=work, priority=priority)
-        self._register(job)
-        self._execute(job)
-        return job
-
-    def run(self, job_type: str, work: Callable[[JobContext], dict[str, Any]], body: dict[str, Any],
-            synchronous_default: bool = True) -> dict[str, Any]:  # fmt: skip
-        """Orthanc's ``Synchronous``/``Asynchronous``/``Priority`` body fields around one job."""
+    def _start(self, job_type: str, work: Callable[[JobContext], dict[str, Any]],
+               body: dict[str, Any], synchronous_default: bool) -> tuple[Job, bool]:  # fmt: skip
         synchronous = synchronous_flag(body, synchronous_default)
         priority = body.get("Priority", 0)
         if not isinstance(priority, int) or isinstance(priority, bool):
             raise bad_request("'Priority' must be an integer")
-        if not synchronous:
-            job = self.submit(job_type, work, priority)
-            return {"ID": job.id, "Path": f"/jobs/{job.id}"}
-        job = self.run_inline(job_type, work, priority)
+        return self.submit(job_type, work, priority), synchronous
+
+    @staticmethod
+    def _answer(job: Job) -> dict[str, Any]:
         if job.error is not None:
             raise job.error
         return job.content
 
+    async def run_async(self, job_type: str, work: Callable[[JobContext], dict[str, Any]], body: dict[str, Any],
+                        synchronous_default: bool = True) -> dict[str, Any]:  # fmt: skip
+        """Orthanc's ``Synchronous``/``Asynchronous``/``Priority`` body fields around one job. A synchronous
+        request waits for the job without holding a thread of the web server (a long job must not starve
+        the other requests, ``/jobs/{id}/cancel`` included)."""
+        job, synchronous = self._start(job_type, work, body, synchronous_default)
+        if not synchronous:
+            return {"ID": job.id, "Path": f"/jobs/{job.id}"}
+        assert job.future is not None
+        await asyncio.wrap_future(job.future)
+        return self._answer(job)
+
+    def run(self, job_type: str, work: Callable[[JobContext], dict[str, Any]], body: dict[str, Any],
+            synchronous_default: bool = True) -> dict[str, Any]:  # fmt: skip
+        """:meth:`run_async` for a caller in a worker thread (a plain ``def`` route)."""
+        job, synchronous = self._start(job_type, work, body, synchronous_default)
+        if not synchronous:
+            return {"ID": job.id, "Path": f"/jobs/{job.id}"}
+        job.done_event.wait()
+        return self._answer(job)
+
     def cancel(self, job_id: str) -> None:
-        job = self.get(job_id)
-        if job.state in ("Success", "Failure"):
-            raise bad_request(f"job {job_id} has already ended ({job.state})")
-        job.cancel_event.set()
+        with self._lock:
+            job = self.get(job_id)
+            if job.state in ("Success", "Failure"):
+                raise bad_request(f"job {job_id} has already ended ({job.state})")
+            job.cancel_event.set()
 
     def resubmit(self, job_id: str) -> None:
-        job = self.get(job_id)
-        if job.state != "Failure":
-            raise bad_request(f"only a failed job can be resubmitted; job {job_id} is {job.state}")
-        job.cancel_event.clear()
-        job.done_event.clear()
-        job.state, job.completed = "Pending", None
-        self._pool.submit(self._execute, job)
+        with self._lock:
+            job = self.get(job_id)
+            if job.state != "Failure" or not job.done_event.is_set():
+                raise bad_request(f"only a failed job can be resubmitted; job {job_id} is {job.state}")
+            job.cancel_event.clear()
+            job.done_event.clear()
+            job.state, job.completed = "Pending", None
+            job.future = self._pool.submit(self._execute, job)
 
     def shutdown(self) -> None:
         for job in self.all():

@@ -191,7 +191,7 @@ async def store(request: Request, name: str) -> dict[str, Any]:
     instances = await run_in_threadpool(resolve, archive(request), ids)
     job = StoreJob(archive(request), name, rem.target, rem.local_aet, ids, instances, rem.timeout, permissive,
                    originator)  # fmt: skip
-    return await run_in_threadpool(request.app.state.jobs.run, "DicomModalityStore", job.run, body)  # type: ignore[no-any-return]
+    return await request.app.state.jobs.run_async("DicomModalityStore", job.run, body)  # type: ignore[no-any-return]
 
 
 @router.post("/modalities/{name}/move", summary="C-MOVE resources from the modality (to TargetAet), as a job")

@@ -11,18 +11,21 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
+from peewee import EXCLUDED
 
 from node.archive import rewrite
-from node.archive.models import Instance, Metadata, Patient, Series, Study
+from node.archive.db import write_transaction
+from node.archive.models import Instance, Metadata, Patient, Series, Study, utcnow
+from node.archive.outbox import enqueue
 from node.archive.pseudonyms import NameCounter
 from node.archive.storage import is_disk_error
-from node.archive.store import Archive, Origin, _sql, delete_instance
+from node.archive.store import Archive, Origin, delete_instance
 from node.dicom.levels import Level
 from node.dicom.maintags import PATIENT_TAGS
 from node.dicom.request import PATIENT_ID, Modification, parse_anonymize, parse_modify
@@ -86,8 +89,11 @@ def keep_source_flag(body: dict[str, Any], default: bool) -> bool:
 
 def sanity_checks(mod: Modification, keep_source: bool, overwrite: bool, studies: Sequence[str]) -> None:
     """Orthanc's ``ResourceModificationJob::PerformSanityChecks`` (edge cases 30-33), before the job starts."""
-    in_place = (mod.level in (Level.STUDY, Level.PATIENT) and PATIENT_ID not in mod.replacements
-                and mod.keep_study_uid and mod.keep_series_uid and mod.keep_sop_uid)  # fmt: skip
+    # Orthanc checks the study and patient levels only; at the series and instance levels the same request
+    # would "succeed" storing nothing (every output AlreadyStored) or overwrite in place: checked the same way.
+    kept = {Level.INSTANCE: mod.keep_sop_uid, Level.SERIES: mod.keep_series_uid and mod.keep_sop_uid}
+    in_place = (PATIENT_ID not in mod.replacements and not mod.is_anonymization
+                and kept.get(mod.level, mod.keep_study_uid and mod.keep_series_uid and mod.keep_sop_uid))  # fmt: skip
     if in_place and not keep_source:
         raise bad_request("When keeping StudyInstanceUID, SeriesInstanceUID and SOPInstanceUID, KeepSource must be "
                           "true: otherwise the modified instances would be deleted at the end of the job")  # fmt: skip
@@ -151,52 +157,62 @@ def modify_transform(counter: NameCounter, mod: Modification) -> rewrite.ModifyT
 
 
 def run_plan(archive: Archive, plan: Plan, ctx: JobContext, transform: rewrite.Transform) -> rewrite.Outcome:
-    """Rewrite, store, tag the new parents, rebuild their main tags, then (only then) drop the sources."""
-    by_instance = {s.instance: s for s in plan.sources}
-    items = [(s.instance, str(archive.storage.locate(s.file_uuid))) for s in plan.sources]
-    outcome = rewrite.Outcome()
-    archive.db.connect(reuse_if_open=True)
-    name = plan.meta_name
-    try:
-        rewrite.rewrite(
-            archive, items, transform, plan.origin, processes=plan.processes, outcome=outcome,
-            metadata=(lambda source: {name: source}) if name else (lambda source: {}),
-            deliveries=_deliveries(plan.routes, plan.origin),
-            exists=lambda public_id: _exists(archive, public_id),
-            progress=ctx.progress, check=ctx.check,
-        )  # fmt: skip
-        if name:
-            _tag_parents(outcome, by_instance, name)
-        rewrite.rebuild_main_tags(archive, outcome)
-    except BaseException as exc:  # noqa: BLE001 - rolled back, then raised again
-        removed = rewrite.rollback(archive, outcome)
-        log.info("job failed; its new instances removed", removed=removed, error=str(exc))
-        raise _job_error(exc) from None
-    if not plan.keep_source:
-        outputs = {s.result.ids.instance for s in outcome.stored}
-        for source in plan.sources:
-            if source.instance not in outputs:
-                delete_instance(archive, source.instance)
+    """Rewrite, store, tag the new parents, rebuild their main tags, queue the routing deliveries of the new
+    instances, then (only then) drop the sources. A failure removes what the job had stored."""
+    with archive.db.connection_context():  # this job thread's connection, closed when the job ends
+        if ctx.attempt > 1:  # a resubmitted job: the archive may have changed since it was planned
+            plan.sources = sources_of(plan.parents)
+        by_instance = {s.instance: s for s in plan.sources}
+        items = [(s.instance, str(archive.storage.locate(s.file_uuid))) for s in plan.sources]
+        outcome = rewrite.Outcome()
+        name = plan.meta_name
+        try:
+            rewrite.rewrite(
+                archive, items, transform, plan.origin, processes=plan.processes, outcome=outcome,
+                metadata=(lambda source: {name: source}) if name else (lambda source: {}),
+                progress=ctx.progress, check=ctx.check,
+            )  # fmt: skip
+            if name:
+                _tag_parents(outcome, by_instance, name)
+                rewrite.rebuild_main_tags(archive, outcome)
+            _queue_deliveries(archive, plan, outcome)
+        except BaseException as exc:  # noqa: BLE001 - rolled back, then raised again
+            removed, left = rewrite.rollback(archive, outcome)
+            log.info("job failed; its new instances removed", removed=removed, left=left, error=str(exc))
+            raise _job_error(exc, left) from None
+        if not plan.keep_source:
+            outputs = {s.result.ids.instance for s in outcome.stored}
+            for source in plan.sources:
+                if source.instance not in outputs:  # only the copy that was rewritten, never a newer one
+                    delete_instance(archive, source.instance, file_uuid=source.file_uuid)
     return outcome
 
 
-def _exists(archive: Archive, public_id: str) -> bool:
-    db = archive.db
-    return db.execute_sql(_sql(db, 'SELECT 1 FROM "instance" WHERE public_id = ?'), (public_id,)).fetchone() is not None
+def _queue_deliveries(archive: Archive, plan: Plan, outcome: rewrite.Outcome) -> None:
+    """The routing rules' deliveries of the job's new instances, queued in one transaction once the whole job
+    succeeded (a half job is never forwarded)."""
+    if not plan.routes:
+        return
+    where = rules.Origin(remote_host=plan.origin.remote_ip)
+    rows = [(s.result.ids.instance, s.result.ids.study, rules.deliveries_for_file(plan.routes, str(s.result.path),
+                                                                                   where))
+            for s in outcome.stored if s.result.status == "Success"]  # fmt: skip
+    rows = [r for r in rows if r[2]]
+    if rows:
+        now = utcnow()
+        with write_transaction(archive.db):
+            for instance, study, deliveries in rows:
+                enqueue(archive.db, instance, study, deliveries, now)
 
 
-def _deliveries(routes: Sequence[Any], origin: Origin) -> Callable[[str], Sequence[tuple[str, str]]]:
-    if not routes:
-        return lambda path: ()
-    where = rules.Origin(remote_host=origin.remote_ip)
-    return lambda path: rules.deliveries_for_file(routes, path, where)
-
-
-def _job_error(exc: BaseException) -> BaseException:
+def _job_error(exc: BaseException, left: list[str]) -> BaseException:
+    tail = f" (could not remove the new instances {', '.join(left)})" if left else ""
     if isinstance(exc, rewrite.RewriteError):
-        return RestError(500, 2018, "Cannot store an instance", str(exc))
+        return RestError(500, 2018, "Cannot store an instance", f"{exc}{tail}")
     if isinstance(exc, OSError) and is_disk_error(exc):
-        return RestError(507, 2019, "Storage full", f"storage failure: {exc.strerror}")
+        return RestError(507, 2019, "Storage full", f"storage failure: {exc.strerror}{tail}")
+    if left and isinstance(exc, RestError):
+        return RestError(exc.http_status, exc.orthanc_status, exc.orthanc_error, f"{exc.details}{tail}")
     return exc
 
 
@@ -205,6 +221,8 @@ def _tag_parents(outcome: rewrite.Outcome, sources: dict[str, Source], name: str
     source's (Orthanc's rule: an in-place modification does not say it was modified from itself)."""
     rows = {}
     for stored in outcome.stored:
+        if stored.result.status != "Success":  # Orthanc writes nothing for an AlreadyStored output
+            continue
         src, ids = sources[stored.source], stored.result.ids
         for new, old in ((ids.series, src.series), (ids.study, src.study), (ids.patient, src.patient)):
             if new != old:
@@ -212,7 +230,9 @@ def _tag_parents(outcome: rewrite.Outcome, sources: dict[str, Source], name: str
     if rows:
         Metadata.insert_many(
             [(k, name, v) for k, v in rows.items()], fields=[Metadata.public_id, Metadata.name, Metadata.value]
-        ).on_conflict_ignore().execute()
+        ).on_conflict(
+            conflict_target=[Metadata.public_id, Metadata.name], update={Metadata.value: EXCLUDED.value}
+        ).execute()
 
 
 def _origin(request: Request) -> Origin:
@@ -282,7 +302,7 @@ def _register(url_level: str, anonymize: bool) -> None:
         def work(ctx: JobContext) -> dict[str, Any]:
             return _single_output(mod, plan, run_plan(archive, plan, ctx, modify_transform(counter, mod)), level)
 
-        return await run_in_threadpool(request.app.state.jobs.run, "ResourceModification", work, body)
+        return await request.app.state.jobs.run_async("ResourceModification", work, body)
 
     verb = "anonymize" if anonymize else "modify"
     router.add_api_route(f"/{url_level}/{{public_id}}/{verb}", handler, methods=["POST"],
@@ -325,7 +345,7 @@ async def _bulk(request: Request, anonymize: bool) -> dict[str, Any]:
     def work(ctx: JobContext) -> dict[str, Any]:
         return _bulk_output(mod, plan, run_plan(archive, plan, ctx, modify_transform(counter, mod)))
 
-    return await run_in_threadpool(request.app.state.jobs.run, "ResourceModification", work, body)
+    return await request.app.state.jobs.run_async("ResourceModification", work, body)
 
 
 @router.post("/tools/bulk-modify", summary="Modify several resources in one job (one UID map): Resources, Level")

@@ -13,6 +13,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
+from pydicom.datadict import dictionary_VR
 from pydicom.uid import generate_uid
 
 from node.archive.models import Instance, Series, Study
@@ -42,9 +43,10 @@ def _split_tag(token: str, field: str) -> int:
         tag = int(parse_tag(token))
     except TagError as exc:
         raise bad_request(f"'{field}': {exc}") from None
-    if tag not in SPLIT_ALLOWED:
+    if tag not in SPLIT_ALLOWED or dictionary_VR(tag) == "SQ":
         raise bad_request(f"Cannot modify the following tag while splitting a study (only the patient and study "
-                          f"modules, except StudyInstanceUID and SeriesInstanceUID, may change): {token}")  # fmt: skip
+                          f"modules may change, except StudyInstanceUID, SeriesInstanceUID and sequences): "
+                          f"{token}")  # fmt: skip
     return tag
 
 
@@ -92,7 +94,7 @@ async def split(request: Request, public_id: str) -> dict[str, Any]:
         return {"Description": "REST API", "FailedInstancesCount": 0, "InstancesCount": len(outcome.stored),
                 "TargetStudy": target, "TargetStudyUID": dict(transform.replace)[STUDY_UID]}  # fmt: skip
 
-    return await run_in_threadpool(request.app.state.jobs.run, "SplitStudy", work, body)
+    return await request.app.state.jobs.run_async("SplitStudy", work, body)
 
 
 def _target_values(archive: Any, study: Study) -> tuple[tuple[int, str | None], ...]:
@@ -147,4 +149,4 @@ async def merge(request: Request, public_id: str) -> dict[str, Any]:
         return {"Description": "REST API", "FailedInstancesCount": 0, "InstancesCount": len(outcome.stored),
                 "TargetStudy": public_id}  # fmt: skip
 
-    return await run_in_threadpool(request.app.state.jobs.run, "MergeStudy", work, body)
+    return await request.app.state.jobs.run_async("MergeStudy", work, body)
