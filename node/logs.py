@@ -36,6 +36,8 @@ def setup(level: str = "info", json: bool | None = None, stream: Any = None) -> 
     # pynetdicom logs every PDU at INFO through the stdlib; keep only its warnings and errors.
     logging.basicConfig(level=logging.WARNING, stream=stream, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("pynetdicom").setLevel(logging.WARNING if level.lower() != "debug" else logging.DEBUG)
+    # A pixel decoder that cannot read an image logs a traceback per plugin; our own event says why it failed.
+    logging.getLogger("pydicom.pixels").setLevel(logging.CRITICAL if level.lower() != "debug" else logging.DEBUG)
 
 
 def get(name: str = "dicom-node") -> Any:

@@ -93,7 +93,7 @@ def _run_receiver(cfg: Config, stop: StopFlag, slot: str, reuse_port: bool) -> N
         check_called_aet=cfg["DicomCheckCalledAet"],
         unknown_sop_classes=cfg["UnknownSopClassAccepted"],
     )
-    scp = StoreSCP(archive=archive, policy=AccessPolicy.from_config(cfg), routes=cfg.routes)
+    scp = StoreSCP(archive=archive, policy=AccessPolicy.from_config(cfg, archive.db), routes=cfg.routes, cfg=cfg)
     server = start_server(ae, scp, cfg["DicomListenAddress"], cfg["DicomPort"], reuse_port=reuse_port)
     try:
         while not stop.wait(1.0):

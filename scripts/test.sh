@@ -6,9 +6,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO=sudo
-if [ ! -x /usr/bin/storescu ] || [ ! -x /usr/bin/storescp ] || [ ! -x /usr/bin/echoscu ] || [ ! -x /usr/bin/dciodvfy ]; then
+if [ ! -x /usr/bin/storescu ] || [ ! -x /usr/bin/dcmqrscp ] || [ ! -x /usr/bin/dciodvfy ] || [ ! -x /usr/sbin/Orthanc ]; then
   $SUDO apt-get update -q
-  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q dcmtk dicom3tools
+  # Orthanc 1.10 is a real peer of the Query/Retrieve tests (it queries and retrieves from the node)
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends dcmtk dicom3tools orthanc
 fi
 python3 -m pip install -q --disable-pip-version-check -e '.[test]'
 python3 -m ruff check node tests scripts

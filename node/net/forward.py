@@ -6,6 +6,10 @@ For each (SOP class, transfer syntax) to send we propose three presentation cont
 transfer syntax (sent as the bytes are: no decoding), Explicit VR Little Endian and Implicit VR Little Endian
 (every SCP must accept the latter). An instance whose own syntax is refused is converted by the caller's
 ``convert`` function (decompressed) into the accepted one instead of failing.
+
+The same sending (context choice, fallback, statuses) also runs over associations opened elsewhere
+(:meth:`Connection.adopt`): the C-MOVE SCP's sub-association, which pynetdicom opens, and the association a
+C-GET arrived on (:mod:`node.net.retrieve`).
 """
 
 from __future__ import annotations
@@ -119,8 +123,9 @@ def _direct_send(assoc: Association) -> None:
     dimse.send_msg = send_msg  # type: ignore[method-assign]
 
 
-def _on_connect(event: evt.Event) -> None:
-    """Nagle's algorithm would hold each small PDU (the C-STORE command) for the previous one's ACK."""
+def on_connect(event: evt.Event) -> None:
+    """``EVT_CONN_OPEN`` handler of an outgoing association: Nagle's algorithm would hold each small PDU (the
+    C-STORE command) for the previous one's ACK."""
     sock = getattr(getattr(event.assoc.dul, "socket", None), "socket", None)
     if sock is not None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -154,21 +159,34 @@ class Connection:
         for sop_class, ts in sorted(needed):
             ae.add_requested_context(sop_class, ts)
         assoc = ae.associate(self.target.host, self.target.port, ae_title=self.target.aet,
-                             evt_handlers=[(evt.EVT_CONN_OPEN, _on_connect)])  # fmt: skip
+                             evt_handlers=[(evt.EVT_CONN_OPEN, on_connect)])  # fmt: skip
         if not assoc.is_established:
             if assoc.is_rejected:
                 raise AssociationFailed(f"association rejected by {self.target}")
             if assoc.is_aborted:
                 raise AssociationFailed(f"no connection to {self.target}, or it aborted the association")
             raise AssociationFailed(f"no connection to {self.target}")
-        no_reactor_reads(assoc)
-        _direct_send(assoc)
+        self.adopt(assoc)
+
+    def adopt(self, assoc: Association, *, acceptor: bool = False) -> None:
+        """Send over an association established elsewhere; whoever opened it also releases it.
+
+        As requestor (pynetdicom's C-MOVE sub-association, or :meth:`open`'s own) only C-STOREs go out on it, so
+        the reactor and the direct socket writes are safe. As ``acceptor`` (the association a C-GET came on) only
+        the storage contexts on which the peer let us be the SCU count, and pynetdicom keeps the socket: its
+        pending C-GET responses are written by the DUL thread, which direct writes would interleave with.
+        """
+        if not acceptor:
+            no_reactor_reads(assoc)
+            _direct_send(assoc)
         self.assoc = assoc
-        self.accepted = {(cx.abstract_syntax, cx.transfer_syntax[0]): True for cx in assoc.accepted_contexts}
+        self.accepted = {(cx.abstract_syntax, cx.transfer_syntax[0]): True for cx in assoc.accepted_contexts
+                         if not acceptor or cx.as_scu}  # fmt: skip
         self.message_id = 0
 
-    def send(self, item: Outgoing, convert: Convert) -> Sent:
-        """C-STORE one instance (of the items :meth:`open` was given)."""
+    def send(self, item: Outgoing, convert: Convert, msg_id: int | None = None) -> Sent:
+        """C-STORE one instance (of the items :meth:`open` was given); ``msg_id`` overrides our own counter (a
+        C-GET's sub-operations take IDs that cannot collide with the requestor's outstanding C-GET)."""
         assoc = self.assoc
         if assoc is None or not assoc.is_established:
             return Sent(False, None, "association lost", association_lost=True)
@@ -184,7 +202,7 @@ class Connection:
             except Exception as exc:  # noqa: BLE001 - reported on the row: the destination needs another syntax
                 return Sent(False, None, f"{self.target} refused {syntax}; converting to {fallback} failed: {exc}")
             syntax = fallback
-        self.message_id = self.message_id % 65535 + 1
+        self.message_id = msg_id if msg_id is not None else self.message_id % 65535 + 1
         try:
             originator_aet, originator_id = self.originator or (None, None)
             status = assoc.send_c_store(path, msg_id=self.message_id, originator_aet=originator_aet,

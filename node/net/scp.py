@@ -1,4 +1,6 @@
-"""The C-STORE / C-ECHO SCP: one small handler per DIMSE service, bound to pynetdicom events.
+"""The DICOM SCP: one small handler per DIMSE service (C-ECHO, C-STORE, C-FIND, C-MOVE, C-GET), bound to
+pynetdicom events. Query/Retrieve lives in its own modules (:mod:`node.net.find_scp`, ``node.net.retrieve``);
+this one holds the state they share and the C-STORE path.
 
 Incoming C-STORE data is spooled by pynetdicom straight into a file of the storage area
 (``STORE_RECV_CHUNKED_DATASET``), so a 500 MB multi-frame instance costs no more memory than a 10 KB one and the
@@ -9,12 +11,13 @@ answers only once file and index row are durable.
 
 from __future__ import annotations
 
+import copy
 import os
 import socket
 import threading
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,16 +26,34 @@ import pydicom.config
 import pynetdicom.dimse_messages
 from peewee import PeeweeException
 from pydicom.dataset import Dataset
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, evt
-from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom import (
+    AE,
+    ALL_TRANSFER_SYNTAXES,
+    DEFAULT_TRANSFER_SYNTAXES,
+    AllStoragePresentationContexts,
+    _config,
+    evt,
+)
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    PatientRootQueryRetrieveInformationModelFind,
+    PatientRootQueryRetrieveInformationModelGet,
+    PatientRootQueryRetrieveInformationModelMove,
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelMove,
+    Verification,
+)
 from pynetdicom.transport import ThreadedAssociationServer
 
 from node import logs
 from node.archive.storage import FileStorage, SpoolFile, is_disk_error
 from node.archive.store import Archive, Origin, elapsed_ms, store
+from node.config import DEFAULTS, Config
 from node.dicom.maintags import MalformedDataset, read_index_tags
+from node.net import retrieve
 from node.net.access import AccessPolicy
 from node.net.fastpath import FastRequestHandler
+from node.net.find_scp import handle_find
 from node.routing import rules
 
 log = logs.get("dicom-node.scp")
@@ -42,6 +63,13 @@ SUCCESS = 0x0000
 REFUSED_NOT_AUTHORIZED = 0x0124
 OUT_OF_RESOURCES = 0xA700
 CANNOT_UNDERSTAND = 0xC000
+
+#: The Query/Retrieve information models we serve (PS3.4 C.6.1 and C.6.2), for C-FIND, C-MOVE and C-GET.
+QR_MODELS = (
+    PatientRootQueryRetrieveInformationModelFind, StudyRootQueryRetrieveInformationModelFind,
+    PatientRootQueryRetrieveInformationModelMove, StudyRootQueryRetrieveInformationModelMove,
+    PatientRootQueryRetrieveInformationModelGet, StudyRootQueryRetrieveInformationModelGet,
+)  # fmt: skip
 
 
 def _status(code: int, comment: str) -> Dataset:
@@ -111,13 +139,23 @@ class _AssocStats:
     bytes: int = 0
 
 
+def _default_config() -> Config:
+    return Config(values=copy.deepcopy(DEFAULTS))
+
+
 @dataclass
 class StoreSCP:
-    """The event handlers of one running SCP (plain functions over shared state)."""
+    """The event handlers of one running SCP (plain functions over shared state).
+
+    ``cfg`` is the node's configuration, for the Query/Retrieve handlers: ``DicomAet`` (RetrieveAETitle, the
+    C-MOVE sender), ``CaseSensitivePN``, ``LimitFind*``, timeouts; ``policy`` says who may do what and
+    ``policy.known()`` lists the modalities (configured and PUT over REST).
+    """
 
     archive: Archive
     policy: AccessPolicy
     routes: tuple[rules.Route, ...] = ()
+    cfg: Config = field(default_factory=_default_config)
     _stats: weakref.WeakKeyDictionary[Any, _AssocStats] = field(default_factory=weakref.WeakKeyDictionary)
     _fsync_pool: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(8, "fsync"))
 
@@ -212,6 +250,15 @@ class StoreSCP:
                          study=result.ids.study, sop_instance_uid=tags.sop_uid)  # fmt: skip
         return SUCCESS
 
+    def on_find(self, event: evt.Event) -> Iterator[tuple[int | Dataset, Dataset | None]]:
+        yield from handle_find(self, event)
+
+    def on_move(self, event: evt.Event) -> Iterator[Any]:
+        yield from retrieve.handle_move(self, event)
+
+    def on_get(self, event: evt.Event) -> Iterator[Any]:
+        yield from retrieve.handle_get(self, event)
+
     def _route(self, path: str, origin: Origin) -> list[tuple[str, str]]:
         """The deliveries of the Instance-triggered rules, queued in the instance's own transaction."""
         where = rules.Origin(origin.remote_aet, origin.called_aet, origin.remote_ip)
@@ -239,6 +286,9 @@ class StoreSCP:
             (evt.EVT_ABORTED, self.on_closed),
             (evt.EVT_C_ECHO, self.on_echo),
             (evt.EVT_C_STORE, self.on_store),
+            (evt.EVT_C_FIND, self.on_find),
+            (evt.EVT_C_MOVE, self.on_move),
+            (evt.EVT_C_GET, self.on_get),
         ]
 
 
@@ -260,17 +310,28 @@ class ReusePortServer(ThreadedAssociationServer):
 
 def make_ae(aet: str, *, max_pdu: int, timeout: float, max_assoc: int, check_called_aet: bool,
             unknown_sop_classes: bool) -> AE:  # fmt: skip
-    """The application entity: every storage class pynetdicom knows in every transfer syntax, plus echo."""
+    """The application entity: every storage class pynetdicom knows in every transfer syntax, echo, and the
+    Patient Root and Study Root Query/Retrieve models (FIND, MOVE, GET).
+
+    The storage contexts accept whichever role the requestor proposes in SCP/SCU role selection: a C-GET SCU
+    proposes to be the storage SCP, so that we can send the instances back on its association, while a plain
+    storescu proposes nothing and keeps the default roles (it sends, we store).
+    """
     ae = AE(ae_title=aet)
     ae.maximum_pdu_size = max_pdu
     ae.maximum_associations = max_assoc
     ae.network_timeout = timeout
     ae.acse_timeout = timeout
+    # C-MOVE opens its sub-association from this AE: without a connect timeout an unreachable (silently
+    # dropping) destination would hold the move until the OS gives up.
+    ae.connection_timeout = timeout
     ae.dimse_timeout = timeout
     ae.require_called_aet = check_called_aet
     for cx in AllStoragePresentationContexts:
-        ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+        ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES, scu_role=True, scp_role=True)
     ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
+    for model in QR_MODELS:  # identifiers are small: the uncompressed syntaxes (and deflate) only
+        ae.add_supported_context(model, DEFAULT_TRANSFER_SYNTAXES)
     # Unknown and private SOP classes are negotiated as storage (their first proposed transfer syntax).
     _config.UNRESTRICTED_STORAGE_SERVICE = unknown_sop_classes
     # pynetdicom's default handlers format a log record for every PDU and DIMSE message even when nothing
