@@ -7,7 +7,10 @@ compare whole ID lists in order, so a wider or narrower answer, or a different o
 from __future__ import annotations
 
 import json
+import sqlite3
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -225,9 +228,8 @@ class Corpus:
         return r.json()  # type: ignore[no-any-return]
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Corpus]:
-    root = tmp_path_factory.mktemp("find")
+def _populate(root: Path) -> Corpus:
+    """An archive under ``root`` holding the corpus above, stored as the receiver stores."""
     archive = open_archive(f"sqlite:///{root}/index.db", root / "storage", sync=False)
     cfg = config.build(None, {"StorageDirectory": str(root / "storage"), "IndexDirectory": str(root)}, environ={})
     out = Corpus(archive, TestClient(create_app(cfg, archive)))
@@ -248,8 +250,14 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Corpus]:
             out.instance[sop_uid] = ids.instance
             out.instances_of.setdefault(series_uid, []).append(sop_uid)
     assert n == 10
+    return out
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Corpus]:
+    out = _populate(tmp_path_factory.mktemp("find"))
     yield out
-    archive.close()
+    out.archive.close()
 
 
 def test_every_level_without_constraints_lists_everything_in_storage_order(corpus: Corpus) -> None:
@@ -482,3 +490,312 @@ def test_max_results_caps_matches_before_since_and_lower_levels_page(corpus: Cor
         with pytest.raises(NotIndexedTag, match="PatientAge"):
             find(db, Level.STUDY, parse_query({"PatientAge": "030Y"}))  # refused when called, not iterated
         assert len(list(find(db, Level.STUDY, parse_query({"PatientAge": ""})))) == 4  # universal: no error
+
+
+# -- index support (schema 5): query plans, folded columns, ModalitiesInStudy, migration ---------------------------
+
+
+def _constraints(query: dict[str, str], mode: str) -> list[Any]:
+    """``cfind``: C-FIND's default (PN case-insensitive, the rest exact); ``rest``: ``/tools/find``'s default
+    (every tag case-insensitive); ``sensitive``: everything case-sensitive."""
+    if mode == "cfind":
+        return parse_query(query, case_sensitive=False, pn_only=True)
+    return parse_query(query, case_sensitive=mode == "sensitive")
+
+
+def _traced(db: Any, monkeypatch: pytest.MonkeyPatch, level: Level, cons: list[Any]) -> tuple[list[Any], list[Any]]:
+    """find()'s rows (and their inherited tags) and every statement it ran, as (sql, params)."""
+    statements: list[tuple[str, Any]] = []
+    real = db.execute_sql
+
+    def spy(sql: str, params: Any = None, *args: Any, **kwargs: Any) -> Any:
+        statements.append((sql, params))
+        return real(sql, params, *args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(db, "execute_sql", spy)
+        rows = list(find(db, level, cons))
+        ran = len(statements)
+        for row in rows:
+            inherited_tags(row)
+        assert len(statements) == ran, "inherited_tags() of a row find() yielded must not query"
+    return rows, statements
+
+
+def _plan_lines(db: Any, statements: list[tuple[str, Any]]) -> list[str]:
+    lines = []
+    for sql, params in statements:
+        lines += [str(r[3]) for r in db.connection().execute("EXPLAIN QUERY PLAN " + sql, params or ()).fetchall()]
+    return lines
+
+
+def _walks_a_table(line: str) -> bool:
+    """A plan step that reads a table (or index) whole: ``SCAN``, or a rowid *range* (the keyset walk of a
+    table looks like ``SEARCH t1 USING INTEGER PRIMARY KEY (rowid>?)``). ``rowid=?`` lookups are fine, and so
+    is ``SCAN json_each VIRTUAL TABLE``: the page's own list of ids, passed as one JSON parameter."""
+    if line.startswith("SCAN json_each VIRTUAL TABLE"):
+        return False
+    return line.startswith("SCAN") or "rowid>" in line or "rowid<" in line
+
+
+#: (level, query, matching mode, indexes the plans must name): every query kind a viewer sends, through find().
+PLANNED = [
+    (Level.STUDY, {"PatientID": "P1"}, "cfind", ["patient_patient_id"]),
+    (Level.PATIENT, {"PatientID": "P1"}, "cfind", ["patient_patient_id"]),
+    (Level.STUDY, {"PatientName": "doe*"}, "cfind", ["patient_patient_name_folded"]),
+    (Level.PATIENT, {"PatientName": "DOE*"}, "cfind", ["patient_patient_name_folded"]),
+    (Level.STUDY, {"PatientName": "smith^é*"}, "cfind", ["patient_patient_name_folded"]),
+    (Level.STUDY, {"PatientName": "doe^john"}, "cfind", ["patient_patient_name_folded"]),
+    (Level.STUDY, {"PatientName": "DOE*"}, "sensitive", ["patient_patient_name"]),
+    (Level.STUDY, {"StudyDate": "20200101-20200131"}, "cfind", ["study_study_date"]),
+    (Level.STUDY, {"StudyDate": "20200101-"}, "cfind", ["study_study_date"]),
+    (Level.STUDY, {"StudyDate": "-20200131"}, "cfind", ["study_study_date"]),
+    (Level.STUDY, {"AccessionNumber": "ACC1"}, "cfind", ["study_accession_number"]),
+    (Level.STUDY, {"AccessionNumber": "acc1"}, "rest", ["study_accession_number_folded"]),
+    (Level.STUDY, {"PatientID": "p1"}, "rest", ["patient_patient_id_folded"]),
+    (Level.STUDY, {"StudyInstanceUID": "1.9.2"}, "cfind", ["study_study_uid"]),
+    (Level.STUDY, {"StudyInstanceUID": "1.9.2"}, "rest", ["study_study_uid"]),  # no letter: the plain index
+    (Level.STUDY, {"StudyInstanceUID": "1.9.1\\1.9.2"}, "cfind", ["study_study_uid"]),
+    (Level.SERIES, {"StudyInstanceUID": "1.9.1"}, "cfind", ["study_study_uid", "series_study_id"]),
+    (Level.SERIES, {"SeriesInstanceUID": "1.9.1.2"}, "cfind", ["series_series_uid"]),
+    (Level.INSTANCE, {"StudyInstanceUID": "1.9.1", "SeriesInstanceUID": "1.9.1.1"}, "cfind", ["instance_series_id"]),
+    (Level.INSTANCE, {"SOPInstanceUID": "1.9.3.1.2"}, "cfind", ["instance_sop_uid"]),
+    (Level.STUDY, {"ModalitiesInStudy": "CT"}, "cfind", ["series_modality_study_id"]),
+    (Level.STUDY, {"ModalitiesInStudy": "CT\\MR"}, "cfind", ["series_modality_study_id"]),
+    (Level.PATIENT, {"ModalitiesInStudy": "PT"}, "cfind", ["series_modality_study_id"]),
+    (Level.STUDY, {"ModalitiesInStudy": "CT", "StudyDate": "20200101-"}, "cfind",
+     ["study_study_date", "series_modality_study_id"]),
+    (Level.STUDY, {"PatientName": "DOE*", "StudyDate": "20200101-20201231"}, "cfind", []),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("level", "query", "mode", "indexes"), PLANNED, ids=lambda v: str(v) if v else "-")
+def test_common_queries_are_index_searches_only(
+    corpus: Corpus, monkeypatch: pytest.MonkeyPatch, level: Level, query: dict[str, str], mode: str,
+    indexes: list[str],
+) -> None:  # fmt: skip
+    """SQLite's plan for every statement find() runs: no table or index walked whole, the expected indexes used.
+
+    Without ``ANALYZE`` (never run) SQLite's plans do not depend on the table sizes, so these ten rows plan as
+    a million do (``scripts/bench_qr.py`` measures those)."""
+    db = corpus.archive.db
+    with db.connection_context():
+        rows, statements = _traced(db, monkeypatch, level, _constraints(query, mode))
+        assert rows, "a query that matches nothing would not run every statement"
+        assert [r.public_id for r in rows] == [r.public_id for r in find(db, level, _constraints(query, mode))]
+        lines = _plan_lines(db, statements)
+    assert not [line for line in lines if _walks_a_table(line)], "\n".join(lines)
+    for name in indexes:
+        assert any(f"INDEX {name} (" in line for line in lines), f"{name} unused:\n" + "\n".join(lines)
+
+
+def test_the_plan_check_catches_a_table_walk(corpus: Corpus, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A listing and a constraint no column holds do walk the table, and the check above says so."""
+    db = corpus.archive.db
+    with db.connection_context():
+        for query in ({}, {"PatientSex": "F"}, {"StudyDescription": "CT*"}):
+            _, statements = _traced(db, monkeypatch, Level.STUDY, _constraints(query, "cfind"))
+            assert any(_walks_a_table(line) for line in _plan_lines(db, statements)), query
+
+
+@pytest.mark.parametrize(
+    ("level", "query"),
+    [
+        (Level.PATIENT, {"PatientID": "p1\\P3"}),
+        (Level.STUDY, {"PatientID": "p?"}),
+        (Level.STUDY, {"AccessionNumber": "acc*"}),
+        (Level.STUDY, {"AccessionNumber": "aCc2\\ACC4"}),
+        (Level.SERIES, {"PatientName": "SMITH^é*"}),
+        (Level.INSTANCE, {"PatientName": "doe^J*", "StudyInstanceUID": "1.9.1\\1.9.3"}),
+        (Level.STUDY, {"StudyInstanceUID": "1.9.4", "PatientName": "*élodie"}),
+    ],
+)
+def test_case_insensitive_pushdown_never_changes_the_answer(
+    corpus: Corpus, level: Level, query: dict[str, str]
+) -> None:
+    """Folded columns and fold-invariant values answer exactly what matching every row in Python answers."""
+    with corpus.archive.db.connection_context():
+        expected = _brute_force(level, query, False)
+        assert expected
+        for batch in (1, 2, 500):
+            found = find(corpus.archive.db, level, parse_query(query, case_sensitive=False), batch=batch)
+            assert [r.public_id for r in found] == expected
+
+
+def test_fold_invariant_characters_are_what_no_other_character_folds_to() -> None:
+    """What lets a case-insensitive UID, date or numeric ID use the plain index: over all of Unicode, case
+    folding maps these characters to themselves and never produces them from anything else."""
+    from node.archive.find import FOLD_INVARIANT
+
+    assert all(ch.casefold() == ch for ch in FOLD_INVARIANT)
+    for cp in range(sys.maxunicode + 1):
+        ch = chr(cp)
+        folded = ch.casefold()
+        if folded != ch:
+            assert not set(folded) & FOLD_INVARIANT, hex(cp)
+
+
+def test_modalities_in_study_is_a_modality_of_one_of_the_series(corpus: Corpus) -> None:
+    s, p = corpus.study, corpus.patient
+    db = corpus.archive.db
+    with db.connection_context():
+        for batch in (1, 2, 500):
+
+            def ids(level: Level, query: dict[str, str]) -> list[str]:
+                return [r.public_id for r in find(db, level, parse_query(query), batch=batch)]  # noqa: B023
+
+            assert ids(Level.STUDY, {"ModalitiesInStudy": "CT"}) == [s["1.9.1"], s["1.9.3"]]
+            assert ids(Level.STUDY, {"ModalitiesInStudy": "US\\CT"}) == [s["1.9.1"], s["1.9.3"], s["1.9.4"]]
+            assert ids(Level.STUDY, {"ModalitiesInStudy": "S?"}) == [s["1.9.1"]]
+            assert ids(Level.STUDY, {"ModalitiesInStudy": "CT", "StudyDate": "20200101-"}) == [s["1.9.1"]]
+            assert ids(Level.STUDY, {"ModalitiesInStudy": "MR", "PatientID": "P2"}) == []
+            assert ids(Level.STUDY, {"ModalitiesInStudy": "XA"}) == []
+            assert ids(Level.PATIENT, {"ModalitiesInStudy": "PT"}) == [p["P2"]]
+            assert ids(Level.STUDY, {"ModalitiesInStudy": ""}) == [s[u] for u in STUDIES]
+        with pytest.raises(NotIndexedTag, match="ModalitiesInStudy"):
+            find(db, Level.SERIES, parse_query({"ModalitiesInStudy": "CT"}))
+    assert corpus.ids("Study", {"ModalitiesInStudy": "ct"}) == [s["1.9.1"], s["1.9.3"]]  # REST: any case
+
+
+def test_rows_carry_their_parents_tags(corpus: Corpus) -> None:
+    """inherited_tags() of a row find() yielded (parents read in the same query) equals reading the parents."""
+    from node.archive.find import MODELS
+
+    db = corpus.archive.db
+    with db.connection_context():
+        for level in Level:
+            for query in ({}, {"PatientID": "P1\\P3"}):
+                rows = list(find(db, level, parse_query(query)))
+                assert rows
+                for row in rows:
+                    fresh = MODELS[level].get_by_id(row.id)
+                    assert inherited_tags(row) == inherited_tags(fresh)
+
+
+@pytest.fixture
+def rebind() -> Iterator[None]:
+    """Put the models back on the module's archive after a test that opened another index."""
+    from node.archive.models import database
+
+    bound = database.obj
+    yield
+    database.initialize(bound)
+
+
+def test_folded_columns_follow_their_source_on_every_write(tmp_path: Path, rebind: None) -> None:
+    from node.archive.db import open_index
+
+    db = open_index(f"sqlite:///{tmp_path}/index.db")
+    with db.connection_context():
+        p = Patient.create(public_id="x", patient_id="Ab1", patient_name="Straße^Éva", main_tags="{}")
+        row = Patient.get_by_id(p.id)
+        assert (row.patient_name_folded, row.patient_id_folded) == ("strasse^éva", "ab1")
+        Patient.update(patient_name="DOE^JOHN").where(Patient.id == p.id).execute()  # what rewrite.py does
+        assert Patient.get_by_id(p.id).patient_name_folded == "doe^john"
+        row = Patient.get_by_id(p.id)
+        row.patient_name = "ROE^JANE"
+        row.save()
+        assert Patient.get_by_id(p.id).patient_name_folded == "roe^jane"
+        Patient.insert({Patient.public_id: "y", Patient.patient_id: "Q", Patient.patient_name: "Ÿ",
+                        Patient.main_tags: "{}"}).execute()  # fmt: skip
+        assert Patient.get(Patient.public_id == "y").patient_name_folded == "ÿ"
+        study = Study.create(public_id="s", patient=p.id, study_uid="1.2", accession_number="AbC", main_tags="{}")
+        assert Study.get_by_id(study.id).accession_number_folded == "abc"
+        with pytest.raises(TypeError, match="patient_name"):
+            Patient.update(patient_name=Patient.patient_id).execute()  # an SQL expression cannot be folded
+    db.close()
+
+
+#: Queries whose answers must not change across the 4 -> 5 migration (level, query, mode).
+_MIGRATION_QUERIES = [
+    (Level.PATIENT, {"PatientName": "doe*"}, "cfind"),
+    (Level.STUDY, {"PatientName": "SMITH^é*"}, "cfind"),
+    (Level.STUDY, {"PatientID": "p1"}, "rest"),
+    (Level.STUDY, {"AccessionNumber": "acc?"}, "rest"),
+    (Level.STUDY, {"StudyDate": "20200101-"}, "cfind"),
+    (Level.SERIES, {"StudyInstanceUID": "1.9.1"}, "cfind"),
+    (Level.STUDY, {"Modality": "CT\\US"}, "sensitive"),
+    (Level.INSTANCE, {"PatientName": "*j*", "Modality": "MR"}, "cfind"),
+]
+
+
+@pytest.mark.parametrize("version", [4, 2])
+def test_an_older_index_is_migrated_with_its_folded_columns_filled(tmp_path: Path, rebind: None, version: int) -> None:
+    """An index written by schema 4 (no folded columns, ``series (modality)`` index) opens as schema 5: every
+    existing row gets its folded values, the indexes are swapped, and every query answers as before. From 2
+    (no stability columns either) too: adding a column never rebuilds a table, whose ``DROP TABLE`` would
+    cascade into the levels below (it emptied ``series`` and ``instance`` before schema 5)."""
+    from node.archive.db import open_index
+    from node.archive.models import SCHEMA_VERSION, Property
+
+    corpus = _populate(tmp_path)
+    db = corpus.archive.db
+    with db.connection_context():
+        before = [[r.public_id for r in find(db, lv, _constraints(q, m))] for lv, q, m in _MIGRATION_QUERIES]
+    corpus.archive.close()
+    assert all(before)
+
+    con = sqlite3.connect(tmp_path / "index.db")  # back to what schema 4 created
+    for table, column in (("patient", "patient_name_folded"), ("patient", "patient_id_folded"),
+                          ("study", "accession_number_folded")):  # fmt: skip
+        con.execute(f"DROP INDEX {table}_{column}")
+        con.execute(f"ALTER TABLE {table} DROP COLUMN {column}")
+    con.execute("DROP INDEX series_modality_study_id")
+    con.execute("CREATE INDEX series_modality ON series (modality)")
+    if version < 3:
+        for table in ("series", "study"):
+            con.execute(f"DROP INDEX {table}_stable_pending")
+            con.execute(f"ALTER TABLE {table} DROP COLUMN stable_pending")
+            con.execute(f"ALTER TABLE {table} DROP COLUMN stable_seen")
+    con.execute(f"UPDATE property SET value = '{version}' WHERE key = 'SchemaVersion'")
+    con.commit()
+    tables = ("patient", "study", "series", "instance")
+    counts = [con.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in tables]
+    con.close()
+    assert counts == [3, 4, 6, 10]
+
+    db = open_index(f"sqlite:///{tmp_path}/index.db")
+    with db.connection_context():
+        assert Property.get(Property.key == "SchemaVersion").value == str(SCHEMA_VERSION) == "5"
+        assert [db.execute_sql(f"SELECT count(*) FROM {t}").fetchone()[0] for t in tables] == counts
+        patients = list(Patient.select())
+        for p in patients:
+            assert (p.patient_name_folded, p.patient_id_folded) == (p.patient_name.casefold(), p.patient_id.casefold())
+        assert sorted(s.accession_number_folded for s in Study.select()) == ["acc1", "acc2", "acc3", "acc4"]
+        indexes = {r[0] for r in db.execute_sql("SELECT name FROM sqlite_master WHERE type = 'index'").fetchall()}
+        assert {"patient_patient_name_folded", "patient_patient_id_folded", "study_accession_number_folded",
+                "series_modality_study_id"} <= indexes  # fmt: skip
+        assert "series_modality" not in indexes
+        after = [[r.public_id for r in find(db, lv, _constraints(q, m))] for lv, q, m in _MIGRATION_QUERIES]
+    assert after == before
+    db.close()
+    open_index(f"sqlite:///{tmp_path}/index.db").close()  # and opens again as it is
+
+
+@pytest.mark.parametrize(
+    ("level", "query", "mode"),
+    [
+        (Level.STUDY, {"StudyDate": "20200101-"}, "cfind"),
+        (Level.STUDY, {"StudyDate": "-20201231", "PatientName": "doe*"}, "cfind"),
+        (Level.STUDY, {"Modality": "CT\\US"}, "sensitive"),
+        (Level.STUDY, {"ModalitiesInStudy": "MR", "StudyDate": "2020-"}, "cfind"),
+        (Level.PATIENT, {"Modality": "PT", "SOPInstanceUID": "1.9.3.2.1"}, "sensitive"),
+        (Level.STUDY, {"Modality": "SR", "SOPInstanceUID": "1.9.1.2.1"}, "sensitive"),
+        (Level.SERIES, {"PatientID": "p1", "Modality": "C*"}, "rest"),
+        (Level.INSTANCE, {"AccessionNumber": "ACC1\\acc3", "InstanceNumber": "2"}, "rest"),
+        (Level.PATIENT, {"PatientName": "SMITH^É*"}, "cfind"),
+    ],
+)
+def test_skipping_the_python_recheck_where_sql_is_exact_changes_nothing(
+    corpus: Corpus, monkeypatch: pytest.MonkeyPatch, level: Level, query: dict[str, str], mode: str
+) -> None:
+    """Where every constraint's SQL predicate is exact, find() trusts it (no re-check, descendants from the
+    index alone); the answers equal those of the always-re-checking path, for every page size."""
+    import node.archive.find as find_mod
+
+    db = corpus.archive.db
+    with db.connection_context():
+        fast = [[r.public_id for r in find(db, level, _constraints(query, mode), batch=b)] for b in (1, 2, 500)]
+        monkeypatch.setattr(find_mod, "_exact", lambda *args: False)
+        slow = [r.public_id for r in find(db, level, _constraints(query, mode))]
+    assert slow and fast == [slow, slow, slow]

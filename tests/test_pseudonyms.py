@@ -103,7 +103,7 @@ def test_an_older_index_is_migrated(tmp_path: Path, version: int) -> None:
     con.close()
     db = open_index(url(tmp_path))
     with db.connection_context():
-        assert Property.get(Property.key == "SchemaVersion").value == str(SCHEMA_VERSION) == "4"
+        assert Property.get(Property.key == "SchemaVersion").value == str(SCHEMA_VERSION) == "5"
         assert Pseudonym.select().count() == 0
         assert Outbox.select().count() == 0
         assert Metadata.select().count() == 0  # schema 4's table

@@ -7,12 +7,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from peewee import BooleanField, Database, DateTimeField, SqliteDatabase
+from peewee import SQL, BooleanField, CharField, Database, DateTimeField, Field, SqliteDatabase
 from playhouse.db_url import connect as connect_url
 from playhouse.migrate import SchemaMigrator
 from playhouse.migrate import migrate as migrate_columns
 
-from node.archive.models import ALL_MODELS, SCHEMA_VERSION, Property, database
+from node.archive.models import ALL_MODELS, SCHEMA_VERSION, Patient, Property, Study, database, fold
 
 #: SQLite settings: WAL lets readers (REST, C-FIND) run while a C-STORE commits; synchronous=FULL makes each
 #: commit durable on its own (the SCP answers Success only after it); busy_timeout queues writers of several
@@ -71,21 +71,75 @@ def migrate(db: Database, from_version: int) -> None:
     1 → 2 only added the Pseudonym table, which ``create_tables(safe=True)`` creates next (as it does 3's
     Outbox and 4's Metadata). 2 → 3 adds the stability columns to Series and Study; resources already there
     start *stable*, so switching on a StableStudy rule does not forward the whole existing archive.
+    4 → 5: see :func:`_migrate_to_5`. Columns are only ever added in place (:func:`_add_column`).
     """
     if from_version < 1:
         raise SchemaError(f"no migration from schema version {from_version} to {SCHEMA_VERSION}")
     if from_version < 3:
-        migrator = SchemaMigrator.from_database(db)
-        ops = []
         for table in ("series", "study"):
             columns = {c.name for c in db.get_columns(table)}
             if "stable_pending" not in columns:
-                ops.append(migrator.add_column(table, "stable_pending", BooleanField(default=False, index=True)))
+                _add_column(db, table, "stable_pending", BooleanField(default=False, index=True), "FALSE")
             if "stable_seen" not in columns:
-                ops.append(migrator.add_column(table, "stable_seen", DateTimeField(null=True)))
-        migrate_columns(*ops)
+                migrate_columns(SchemaMigrator.from_database(db).add_column(table, "stable_seen",
+                                                                             DateTimeField(null=True)))  # fmt: skip
         for table in ("series", "study"):
             db.execute_sql(f'CREATE INDEX IF NOT EXISTS "{table}_stable_pending" ON "{table}" (stable_pending)')
+    if from_version < 5:
+        _migrate_to_5(db)
+
+
+def _add_column(db: Database, table: str, column: str, field: Field, default_sql: str) -> None:
+    """``ALTER TABLE … ADD COLUMN … NOT NULL DEFAULT …``: the column added in place, existing rows given the default.
+
+    Not playhouse's plain ``add_column`` for a NOT NULL column: on SQLite < 3.53 it adds the column nullable and
+    then *rebuilds the table* to make it NOT NULL (copy, ``DROP TABLE``, rename), and with ``foreign_keys`` on,
+    SQLite's ``DROP TABLE`` deletes the rows first, with their ``ON DELETE CASCADE``: migrating ``study`` that way
+    emptied ``series`` and ``instance``. A default in the DDL needs no rebuild (SQLite and PostgreSQL).
+    """
+    field = field.clone()
+    field.constraints = [*(field.constraints or []), SQL(f"DEFAULT {default_sql}")]
+    migrator = SchemaMigrator.from_database(db)
+    migrate_columns(migrator.add_column(table, column, field, allow_not_null=True))
+
+
+#: Rows read and rewritten per statement when filling the folded columns (bounded memory on a big index).
+_FILL_BATCH = 10_000
+
+
+def _migrate_to_5(db: Database) -> None:
+    """Add and fill the folded columns (``patient_name_folded``…: see :mod:`node.archive.models`), and swap
+    the ``series (modality)`` index for ``series (modality, study_id)``.
+
+    The folded values are computed in Python (:func:`fold`: no SQL function folds the same way), a keyset page
+    of rows at a time; every existing row is filled, also when the column was already there, so a folded value
+    can never disagree with its source after the upgrade. The new indexes are created by ``create_tables`` right
+    after (it creates missing indexes of existing tables): building them once on filled columns is faster than
+    maintaining them during the fill. On a million-study index this takes seconds, once, at the first start.
+    """
+    for model in (Patient, Study):
+        table = model._meta.table_name
+        columns = {c.name for c in db.get_columns(table)}
+        for folded in model.FOLDED.values():
+            if folded not in columns:
+                _add_column(db, table, folded, CharField(default=""), "''")
+        for source, folded in model.FOLDED.items():
+            _fill_folded(db, table, source, folded)
+    db.execute_sql('DROP INDEX IF EXISTS "series_modality"')
+
+
+def _fill_folded(db: Database, table: str, source: str, folded: str) -> None:
+    select = f'SELECT id, "{source}", "{folded}" FROM "{table}" WHERE id > {db.param} ORDER BY id LIMIT {_FILL_BATCH}'
+    update = f'UPDATE "{table}" SET "{folded}" = {db.param} WHERE id = {db.param}'
+    last = 0
+    while True:
+        rows = db.execute_sql(select, (last,)).fetchall()
+        changed = [(fold(value or ""), row_id) for row_id, value, current in rows if fold(value or "") != current]
+        if changed:
+            db.cursor().executemany(update, changed)
+        if len(rows) < _FILL_BATCH:
+            return
+        last = rows[-1][0]
 
 
 @contextlib.contextmanager

@@ -2,14 +2,23 @@
 
 Each level keeps Orthanc's public ID (SHA-1 of the DICOM identifiers, :mod:`node.dicom.ids`), its main DICOM
 tags as JSON (what REST shows and C-FIND answers) and, as real indexed columns, the few tags that queries filter
-on, so the common C-FIND and REST lookups never scan.
+on, so the common C-FIND and REST lookups never scan (:mod:`node.archive.find` pushes constraints onto them).
+
+Case-insensitive matching (C-FIND's PN by default, every tag in ``/tools/find``) compares ``str.casefold()``ed
+values, which no SQL function reproduces (SQLite's ``lower()`` folds ASCII only, PostgreSQL's depends on the
+collation). So the tags such queries hit most keep a second, *folded* column (``*_folded``) filled in Python
+and indexed: ``PatientName``, ``PatientID`` and ``AccessionNumber``. The models keep it in step with its source
+on every insert, update and save (:meth:`BaseModel.update`), so no writer can forget it.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 from peewee import (
+    SQL,
     AutoField,
     BigIntegerField,
     BooleanField,
@@ -20,41 +29,95 @@ from peewee import (
     ForeignKeyField,
     IntegerField,
     Model,
+    ModelInsert,
+    ModelUpdate,
     TextField,
 )
 
 database = DatabaseProxy()
 
 #: Bumped whenever the tables change; :func:`node.archive.db.migrate` knows how to get from each older one.
-SCHEMA_VERSION = 4  # 2: Pseudonym; 3: Outbox, stability columns of Series and Study; 4: Metadata
+SCHEMA_VERSION = 5
+# 2: Pseudonym; 3: Outbox, stability columns of Series and Study; 4: Metadata; 5: folded PatientName, PatientID
+# and AccessionNumber columns, Series index (modality, study) instead of (modality)
 
 
 def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC).replace(tzinfo=None)
 
 
+def fold(text: str) -> str:
+    """What case-insensitive matching compares (:class:`node.dicom.matching.Constraint` folds the same way):
+    full Unicode case folding, so ``É``/``é`` and ``ß``/``SS`` meet, which SQL's ``lower()`` does not do."""
+    return text.casefold()
+
+
+#: The folded columns' SQL default: what schema 5's migration adds them with (:func:`node.archive.db._add_column`),
+#: so a fresh index and a migrated one have the same DDL, and an SQL ``INSERT`` of an older schema's columns works.
+FOLDED_DEFAULT = SQL("DEFAULT ''")
+
+
 class BaseModel(Model):
+    #: Source column name -> name of the column holding its :func:`fold` (indexed, for case-insensitive lookups).
+    FOLDED: ClassVar[Mapping[str, str]] = {}
+
     class Meta:
         database = database
         legacy_table_names = False
 
+    @classmethod
+    def _with_folded(cls, data: Any, kwargs: dict[str, Any]) -> Any:
+        """The row data with each folded column recomputed from its source, when the source is written.
+
+        Recomputed even when the caller passed a folded value: ``save()`` passes every field, including a
+        folded value read before the source changed. Anything but a plain string in a source column (an SQL
+        expression) cannot be folded here and is refused rather than leaving a stale folded value behind.
+        """
+        normalized = cls._normalize_data(data, kwargs)
+        if not cls.FOLDED or not isinstance(normalized, dict):
+            return normalized
+        for source, folded in cls.FOLDED.items():
+            field = cls._meta.fields[source]
+            if field in normalized:
+                value = normalized[field]
+                if not isinstance(value, str):
+                    raise TypeError(f"{cls.__name__}.{source} must be written as a string (its folded copy "
+                                    f"{folded} is computed in Python), got {type(value).__name__}")  # fmt: skip
+                normalized[cls._meta.fields[folded]] = fold(value)
+        return normalized
+
+    @classmethod
+    def update(cls, __data: Any = None, **update: Any) -> ModelUpdate:
+        return super().update(cls._with_folded(__data, update))
+
+    @classmethod
+    def insert(cls, __data: Any = None, **insert: Any) -> ModelInsert:
+        return super().insert(cls._with_folded(__data, insert))
+
 
 class Patient(BaseModel):
+    FOLDED: ClassVar[Mapping[str, str]] = {"patient_name": "patient_name_folded", "patient_id": "patient_id_folded"}
+
     id = AutoField()
     public_id = CharField(max_length=44, unique=True)
     patient_id = CharField(index=True)  # DICOM PatientID ("" when absent)
     patient_name = CharField(index=True, default="")
+    patient_id_folded = CharField(index=True, default="", constraints=[FOLDED_DEFAULT])
+    patient_name_folded = CharField(index=True, default="", constraints=[FOLDED_DEFAULT])
     main_tags = TextField()  # JSON {keyword: value}
     last_update = DateTimeField(default=utcnow)
 
 
 class Study(BaseModel):
+    FOLDED: ClassVar[Mapping[str, str]] = {"accession_number": "accession_number_folded"}
+
     id = AutoField()
     public_id = CharField(max_length=44, unique=True)
     patient = ForeignKeyField(Patient, backref="studies", on_delete="CASCADE")
     study_uid = CharField(index=True)
     study_date = CharField(index=True, default="")
     accession_number = CharField(index=True, default="")
+    accession_number_folded = CharField(index=True, default="", constraints=[FOLDED_DEFAULT])
     main_tags = TextField()
     last_update = DateTimeField(default=utcnow, index=True)
     #: Set when an instance arrives, cleared when the resource is declared stable (``StableAge`` seconds later).
@@ -68,13 +131,18 @@ class Series(BaseModel):
     public_id = CharField(max_length=44, unique=True)
     study = ForeignKeyField(Study, backref="series", on_delete="CASCADE")
     series_uid = CharField(index=True)
-    modality = CharField(index=True, default="")
+    modality = CharField(default="")  # indexed with the study: see Meta
     main_tags = TextField()
     last_update = DateTimeField(default=utcnow, index=True)
     #: Set when an instance arrives, cleared when the resource is declared stable (``StableAge`` seconds later).
     stable_pending = BooleanField(default=True, index=True)
     #: ``received_at`` of the newest instance a stable trigger has covered: the next one covers newer ones only.
     stable_seen = DateTimeField(null=True)
+
+    class Meta:
+        #: (modality, study): ModalitiesInStudy finds the studies of a modality from the index alone, in study
+        #: order, and "the CT series of these studies" is one index search; a modality-only lookup uses its prefix.
+        indexes = ((("modality", "study"), False),)
 
 
 class Instance(BaseModel):
