@@ -23,8 +23,8 @@ one modality per study (CT 30 %, MR 25 %, CR 15 %, US 10 %, DX 8 %, MG 5 %, PT 4
 
 * ``patient_id``      STUDY level, PatientID exact (10 answers)
 * ``patient_name``    STUDY level, PatientName ``<first 6 letters of a surname>*``
-* ``study_date``      STUDY level, StudyDate over one calendar month (``YYYYMM01-YYYYMMDD``; ~830 answers)
-* ``study_day``       STUDY level, StudyDate of one day (~27 answers: the same index, a viewer's "today")
+* ``study_date``      STUDY level, StudyDate over one calendar month (``YYYYMM01-YYYYMMDD``; ~840 answers)
+* ``study_day``       STUDY level, StudyDate of one day (~28 answers: the same index, a viewer's "today")
 * ``accession``       STUDY level, AccessionNumber exact (1 answer)
 * ``study_uid``       STUDY level, StudyInstanceUID (1 answer)
 * ``series_of_study`` SERIES level, StudyInstanceUID (10 answers)
@@ -46,10 +46,11 @@ ModalitiesInStudy, NumberOfStudyRelatedSeries/Instances and NumberOfSeriesRelate
   ``inherited_tags`` (what the SCP does before encoding): the index's share of the latency.
 
 Each kind runs ``--warmup`` untimed then ``--reps`` timed queries, kinds interleaved round-robin so drift on
-the shared VM hits all alike. Prints p50/p99 per kind against the target, answers per query, and the index
-size on disk (``index.db`` + WAL)::
+the shared VM hits all alike. Every query's number of answers is checked against a count by plain SQL on the
+columns (a wrong count is printed: a fast wrong answer is no result). Prints p50/p99 per kind against the
+target, answers per query, and the index size on disk (``index.db`` + WAL)::
 
-    python3 scripts/bench_qr.py                       # build once (~10-20 min), then direct and network
+    python3 scripts/bench_qr.py                       # build once (45 min here), then direct and network
     python3 scripts/bench_qr.py --mode direct --reps 500
     python3 scripts/bench_qr.py --patients 200 --db /tmp/qr-small/index.db   # a quick smoke run
     python3 scripts/bench_qr.py ingest --runs 7       # store() timing on 2000 synthetic instances
