@@ -241,6 +241,23 @@ class Node:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
+    def rest(self, timeout: float = 60) -> Any:
+        """An httpx client of the node's REST API, once its process answers (it starts a moment after the
+        DICOM port)."""
+        import httpx
+
+        http = httpx.Client(base_url=f"http://127.0.0.1:{self.http_port}", timeout=timeout)
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                if http.get("/system").status_code == 200:
+                    return http
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"the REST API did not answer on {self.http_port}:\n{self.log()[-4000:]}")
+            time.sleep(0.1)
+
     def events(self, name: str) -> list[dict[str, Any]]:
         out = []
         for line in self.log().splitlines():

@@ -330,26 +330,12 @@ def test_limits_end_with_matching_terminated_as_orthanc(limited: Node) -> None:
     assert len(ok(findscu(limited, "QueryRetrieveLevel=IMAGE", f"StudyInstanceUID={S1}")).answers) == 3
 
 
-def client(node: Node) -> httpx.Client:
-    http = httpx.Client(base_url=f"http://127.0.0.1:{node.http_port}", timeout=30)
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            if http.get("/system").status_code == 200:
-                return http
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline:
-            pytest.fail(f"the REST API did not answer:\n{node.log()[-3000:]}")
-        time.sleep(0.1)
-
-
 def test_access_per_modality_always_allow_and_rest_modalities(archive: Node) -> None:
     for aet in ("NOFIND", "STRANGER", "LATE"):
         found = findscu(archive, "QueryRetrieveLevel=PATIENT", "PatientID", aet=aet)
         assert (found.answers, found.status) == ([], 0x0124), found.output[-2000:]
         assert "not allowed to query" in found.comment
-    http = client(archive)
+    http = archive.rest()
     r = http.put("/modalities/late", json={"AET": "LATE", "Host": "127.0.0.1", "Port": 104, "AllowFind": True})
     assert r.status_code == 200, r.text
     time.sleep(1.2)  # receivers re-read the index's modalities at most once a second

@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
 import numpy as np
 import pydicom
 import pytest
@@ -276,20 +275,6 @@ def final_move_status(output: str) -> str:
     return m.group(1)
 
 
-def rest(node: Node) -> httpx.Client:
-    """The node's REST API, once its process answers (it starts a moment after the DICOM port)."""
-    http = httpx.Client(base_url=f"http://127.0.0.1:{node.http_port}", timeout=30)
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            if http.get("/system").status_code == 200:
-                return http
-        except httpx.TransportError:
-            pass
-        assert time.monotonic() < deadline, f"the REST API did not answer:\n{node.log()[-3000:]}"
-        time.sleep(0.1)
-
-
 def identifier(level: str, **keys: str) -> Dataset:
     ds = Dataset()
     ds.QueryRetrieveLevel = level
@@ -401,7 +386,7 @@ def test_movescu_to_unknown_destination_is_a801_and_no_match_is_an_empty_success
 
 
 def test_destination_added_over_rest_is_known_at_once(world: World, stubs: dict[str, StubSCP]) -> None:
-    http = rest(world.node)
+    http = world.node.rest()
     recorder = stubs["recorder"]
     r = http.put("/modalities/late", json={"AET": "LATECOMER", "Host": "127.0.0.1", "Port": recorder.port})
     assert r.status_code == 200, r.text

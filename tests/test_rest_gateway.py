@@ -9,7 +9,7 @@ from typing import Any
 import httpx
 from conftest import free_port
 from test_gateway import StoreSCP, wait_for
-from test_rest_modalities import client, study_files
+from test_rest_modalities import study_files
 from test_scp import storescu
 
 from node.dicom.ids import resource_ids
@@ -29,7 +29,7 @@ def test_routes_outbox_retry_discard_and_replay(node_factory: Any, tmp_path: Pat
                         RoutingRetryDelay=1).start()  # fmt: skip
     files = study_files(tmp_path / "in", "GW1", STUDY, 3)
     assert storescu(node, files).returncode == 0
-    http = client(node)
+    http = node.rest()
 
     wait_for(lambda: dest_counts(http).get("dest", {}).get("Dead") == 3, 30, "3 dead rows", node)
     [route] = http.get("/routes").json()
@@ -74,7 +74,7 @@ def test_routes_outbox_retry_discard_and_replay(node_factory: Any, tmp_path: Pat
 
 def test_unknown_rules_and_bad_bodies(node_factory: Any) -> None:
     node = node_factory(DicomModalities={"dest": ["DEST", "127.0.0.1", free_port()]}, Routes=[RULE]).start()
-    http = client(node)
+    http = node.rest()
     nope = {"Rule": "nope"}
     for r in (http.get("/routes/nope"), http.post("/routes/nope/replay", json={"Study": STUDY}),
               http.post("/outbox/retry", json=nope), http.post("/outbox/discard", json=nope)):  # fmt: skip

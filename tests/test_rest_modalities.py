@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 import pydicom
 import pytest
-from conftest import Node, dcmtk, dcmtk_env, free_port, make_instance, run
+from conftest import dcmtk, dcmtk_env, free_port, make_instance, run
 from fastapi.testclient import TestClient
 from test_gateway import StoreSCP, wait_for
 from test_scp import storescu
@@ -31,21 +31,6 @@ def dest(tmp_path: Path) -> Iterator[StoreSCP]:
     scp = StoreSCP(tmp_path / "received", aet="STORESCP").start()
     yield scp
     scp.stop()
-
-
-def client(node: Node) -> httpx.Client:
-    """The REST API of a running node (its own process starts a moment after the DICOM port)."""
-    http = httpx.Client(base_url=f"http://127.0.0.1:{node.http_port}", timeout=60)
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            if http.get("/system").status_code == 200:
-                return http
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline:
-            pytest.fail(f"the REST API did not answer on {node.http_port}:\n{node.log()[-4000:]}")
-        time.sleep(0.1)
 
 
 def job_done(http: httpx.Client, job_id: str) -> dict[str, Any]:
@@ -150,7 +135,7 @@ def test_store_round_trip_storescu_node_storescp(node_factory: Any, dest: StoreS
     node = node_factory().start()
     originals = study_files(tmp_path / "in", "ST1", "1.2.826.0.1.9", 3)
     assert storescu(node, originals).returncode == 0
-    http = client(node)
+    http = node.rest()
     ids = resource_ids("ST1", "1.2.826.0.1.9", "1.2.826.0.1.9.1", "1.2.826.0.1.9.1.0")
     assert http.put("/modalities/x", json={"AET": dest.aet, "Host": "127.0.0.1", "Port": dest.port}).status_code == 200
 
@@ -183,7 +168,7 @@ def test_store_refuses_unknown_ids_before_sending_and_fails_on_a_down_destinatio
 ) -> None:
     node = node_factory().start()
     assert storescu(node, study_files(tmp_path / "in", "ST2", "1.2.826.0.1.8", 2)).returncode == 0
-    http = client(node)
+    http = node.rest()
     study = resource_ids("ST2", "1.2.826.0.1.8", "", "").study
     http.put("/modalities/x", json={"AET": dest.aet, "Host": "127.0.0.1", "Port": dest.port})
     unknown = "0" * 8 + "-00000000" * 4
@@ -255,7 +240,7 @@ def test_query_answers_and_retrieve_from_dcmqrscp_into_the_node(node_factory: An
         studies = {uid: study_files(tmp_path / uid, "QR7", uid, 2) for uid in ("1.2.826.0.1.71", "1.2.826.0.1.72",
                                                                               "1.2.826.0.1.73")}  # fmt: skip
         qrscp.load([p for files in studies.values() for p in files])
-        http = client(node)
+        http = node.rest()
         http.put("/modalities/qr", json={"AET": qrscp.aet, "Host": "127.0.0.1", "Port": qrscp.port})
         assert http.post("/modalities/qr/echo", json={"CheckFind": True}).json() == {}
 
@@ -306,7 +291,7 @@ def test_move_by_identifiers_and_series_query(node_factory: Any, tmp_path: Path)
         node.start()
         files = study_files(tmp_path / "s", "QR8", "1.2.826.0.1.81", 3)
         qrscp.load(files)
-        http = client(node)
+        http = node.rest()
         http.put("/modalities/qr", json={"AET": qrscp.aet, "Host": "127.0.0.1", "Port": qrscp.port})
         query = http.post("/modalities/qr/query", json={"Level": "Series", "Query": {
             "StudyInstanceUID": "1.2.826.0.1.81", "Modality": ""}}).json()  # fmt: skip

@@ -8,7 +8,6 @@ whatever the Content-Type says (``curl -d`` sends form-encoded).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -23,19 +22,10 @@ from node.dicom.apply import apply
 from node.dicom.request import parse_anonymize, parse_modify
 from node.dicom.transcode import transcode
 from node.dicom.uidmap import MemoryUidMap
-from node.rest.errors import bad_request, unknown_resource
+from node.rest.body import parse_json
+from node.rest.errors import unknown_resource
 
 router = APIRouter()
-
-
-def parse_json(raw: bytes) -> Any:
-    """A request body as JSON; an empty body is ``{}`` (Orthanc's default request)."""
-    if not raw.strip():
-        return {}
-    try:
-        return json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise bad_request(f"the request body is not valid JSON: {exc}") from None
 
 
 def file_of(archive: Archive, public_id: str) -> Path:

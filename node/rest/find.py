@@ -23,22 +23,13 @@ from node.archive.store import Archive
 from node.config import Config
 from node.dicom.levels import Level, parse_level
 from node.dicom.matching import Constraint, UnknownQueryTag, parse_query, resolve_tag
+from node.rest.body import parse_json
 from node.rest.errors import bad_request
 from node.rest.resources import describe
 
 router = APIRouter()
 
 _FIELDS = ("Level", "Query", "Expand", "Limit", "Since", "CaseSensitive", "RequestedTags")
-
-
-def _parse_json(raw: bytes) -> Any:
-    """A body as JSON (empty: ``{}``). A local copy of ``edit.parse_json`` so this route does not depend on it."""
-    if not raw.strip():
-        return {}
-    try:
-        return json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise bad_request(f"the request body is not valid JSON: {exc}") from None
 
 
 @dataclass(frozen=True)
@@ -112,7 +103,7 @@ def _cap(cfg: Config, level: Level) -> int:
 
 def run(archive: Archive, cfg: Config, raw: bytes) -> list[Any]:
     """Parse, check and answer one request (in a worker thread: the index is read synchronously)."""
-    req = parse_request(_parse_json(raw), bool(cfg.values.get("CaseSensitivePN", False)))
+    req = parse_request(parse_json(raw), bool(cfg.values.get("CaseSensitivePN", False)))
     with archive.db.connection_context():
         rows = find(archive.db, req.level, req.constraints, since=req.since, limit=req.limit,
                     max_results=_cap(cfg, req.level))  # fmt: skip

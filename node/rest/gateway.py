@@ -15,8 +15,9 @@ from fastapi.concurrency import run_in_threadpool
 
 from node.archive import outbox
 from node.archive.models import Study
+from node.rest.body import parse_json
 from node.rest.errors import bad_request, unknown_resource
-from node.rest.remote import archive, config, parse_json
+from node.rest.remote import archive, config
 from node.routing.replay import replay
 from node.routing.rules import Route
 

@@ -24,8 +24,9 @@ from node.dicom.levels import Level
 from node.net import qr
 from node.net.scu import Target
 from node.rest import queries
+from node.rest.body import parse_json
 from node.rest.errors import bad_request
-from node.rest.remote import Remote, aet_field, archive, config, parse_json, remote, unknown_modality
+from node.rest.remote import Remote, aet_field, archive, config, remote, unknown_modality
 from node.rest.sending import StoreJob, network_error, resolve
 
 router = APIRouter()

@@ -30,7 +30,7 @@ from node.dicom.levels import Level
 from node.dicom.maintags import PATIENT_TAGS
 from node.dicom.request import PATIENT_ID, Modification, parse_anonymize, parse_modify
 from node.logs import get as get_logger
-from node.rest.edit import parse_json
+from node.rest.body import json_object
 from node.rest.errors import RestError, bad_request, unknown_resource
 from node.rest.jobs import JobContext
 from node.routing import rules
@@ -237,13 +237,6 @@ def _tag_parents(outcome: rewrite.Outcome, sources: dict[str, Source], name: str
 
 def _origin(request: Request) -> Origin:
     return Origin("RestApi", "", "", request.client.host if request.client else "")
-
-
-def json_object(raw: bytes) -> dict[str, Any]:
-    body = parse_json(raw)
-    if not isinstance(body, dict):
-        raise bad_request(f"the request body must be a JSON object, got {type(body).__name__}")
-    return body
 
 
 def _single_output(mod: Modification, plan: Plan, outcome: rewrite.Outcome, url_level: Level) -> dict[str, Any]:

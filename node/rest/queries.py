@@ -29,9 +29,10 @@ from node.dicom.maintags import INSTANCE_TAGS, PATIENT_TAGS, SERIES_TAGS, STUDY_
 from node.dicom.tags import TagError, parse_tag
 from node.net import qr
 from node.net.scu import Target
+from node.rest.body import parse_json
 from node.rest.errors import RestError, bad_request, unknown_resource
 from node.rest.jobs import JobContext
-from node.rest.remote import Remote, aet_field, config, parse_json, remote, timeout_field
+from node.rest.remote import Remote, aet_field, config, remote, timeout_field
 from node.rest.sending import network_error
 
 router = APIRouter()

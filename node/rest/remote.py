@@ -41,16 +41,6 @@ def archive(request: Request) -> Archive:
     return request.app.state.archive  # type: ignore[no-any-return]
 
 
-def parse_json(raw: bytes) -> Any:
-    """A request body as JSON; an empty body is ``{}`` (what Orthanc assumes)."""
-    if not raw.strip():
-        return {}
-    try:
-        return json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise bad_request(f"the request body is not valid JSON: {exc}") from None
-
-
 def unknown_modality(name: str) -> RestError:
     return RestError(404, 7, "Accessing an inexistent item", f"no modality named {name!r} (see GET /modalities)")
 

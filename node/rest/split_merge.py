@@ -21,9 +21,10 @@ from node.archive.rewrite import MoveTransform
 from node.dicom import fileio
 from node.dicom.modules import PATIENT_MODULE, SPLIT_ALLOWED, STUDY_MODULE, STUDY_UID
 from node.dicom.tags import TagError, parse_tag
+from node.rest.body import json_object
 from node.rest.errors import bad_request, unknown_resource
 from node.rest.jobs import JobContext
-from node.rest.modify import Plan, find_resource, json_object, keep_source_flag, plan_for, run_plan
+from node.rest.modify import Plan, find_resource, keep_source_flag, plan_for, run_plan
 
 router = APIRouter()
 
