@@ -96,10 +96,6 @@ class JobContext:
         """1 on the first run; a resubmitted job's work re-reads what may have changed since."""
         return self.job.attempt
 
-    @property
-    def cancelled(self) -> bool:
-        return self.job.cancel_event.is_set()
-
 
 def _as_rest_error(exc: BaseException) -> RestError:
     if isinstance(exc, RestError):
