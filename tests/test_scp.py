@@ -309,12 +309,21 @@ def test_the_pynetdicom_waits_we_replace_are_where_we_expect_them() -> None:
     assert "self.to_provider_queue.put(primitive)" in inspect.getsource(DULServiceProvider.send_pdu)
 
 
+def _listeners(port: int) -> int:
+    """Listening TCP sockets on ``port`` (each receiver process binds its own, with SO_REUSEPORT)."""
+    rows = Path("/proc/net/tcp").read_text().splitlines()[1:] + Path("/proc/net/tcp6").read_text().splitlines()[1:]
+    return sum(1 for r in rows if r.split()[1].endswith(f":{port:04X}") and r.split()[3] == "0A")
+
+
 def test_a_dead_receiver_is_restarted_and_the_node_keeps_storing(node_factory, tmp_path) -> None:
     import os
     import signal
 
     node = node_factory(DicomReceiverProcesses=2).start()
     assert node.proc is not None
+    deadline = time.monotonic() + 20  # start() returns once one receiver listens; wait for both
+    while time.monotonic() < deadline and _listeners(node.port) < 2:
+        time.sleep(0.05)
     children = Path(f"/proc/{node.proc.pid}/task/{node.proc.pid}/children").read_text().split()
     assert len(children) == 4  # two receivers, the routing worker (stable series/studies), the REST API
     os.kill(int(children[0]), signal.SIGKILL)
@@ -322,6 +331,10 @@ def test_a_dead_receiver_is_restarted_and_the_node_keeps_storing(node_factory, t
     while time.monotonic() < deadline and "receiver process died" not in node.log():
         time.sleep(0.05)
     assert "receiver process died; restarting" in node.log()
+    deadline = time.monotonic() + 20  # the restarted receiver binds its own SO_REUSEPORT socket
+    while time.monotonic() < deadline and _listeners(node.port) < 2:
+        time.sleep(0.05)
+    assert _listeners(node.port) == 2
     files = [make_instance(tmp_path / f"{i}.dcm") for i in range(8)]
     for f in files:  # several associations: the kernel spreads them over both receivers
         r = storescu(node, [f])
