@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -19,7 +20,9 @@ def _archive(args: argparse.Namespace) -> tuple[Any, Any]:
     from node.cli import _load_config
 
     cfg = _load_config(args)
-    return cfg, open_archive(cfg.database_url, cfg.storage_dir, sync=cfg["SyncStorageArea"])
+    return cfg, open_archive(
+        cfg.database_url, cfg.storage_dir, sync=cfg["SyncStorageArea"], slot=cfg.spool_slot(f"cli-{os.getpid()}")
+    )
 
 
 def _age(seconds: float | None) -> str:

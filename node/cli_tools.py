@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -76,7 +77,9 @@ def cmd_stats(args: argparse.Namespace) -> int:
     from node.cli import _load_config
 
     cfg = _load_config(args)
-    archive = open_archive(cfg.database_url, cfg.storage_dir, sync=cfg["SyncStorageArea"])
+    archive = open_archive(
+        cfg.database_url, cfg.storage_dir, sync=cfg["SyncStorageArea"], slot=cfg.spool_slot(f"cli-{os.getpid()}")
+    )
     st = statistics(archive)
     archive.close()
     if args.json:

@@ -17,6 +17,7 @@ import difflib
 import json
 import os
 import re
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ DEFAULTS: dict[str, Any] = {
     "StorageDirectory": "dicom-node-data/storage",
     "IndexDirectory": "dicom-node-data",
     "Database": "",
+    "NodeId": "",
     "OverwriteInstances": False,
     "DicomModalities": {},
     "DicomCheckCalledAet": False,
@@ -149,6 +151,27 @@ class Config:
         if self.values["Database"]:
             return str(self.values["Database"])
         return "sqlite:///" + str(self.path("IndexDirectory") / "index.db")
+
+    @property
+    def shared(self) -> bool:
+        """Several nodes may share this index and storage: the index is PostgreSQL (an SQLite file is one node's)."""
+        return self.database_url.startswith(("postgresql://", "postgres://"))
+
+    @property
+    def node_id(self) -> str:
+        """This node among those sharing an index: ``NodeId``, else ``<Name>@<host name>``. It names the node's
+        outbox claims and, on a shared storage, its spool folders and lock (see :meth:`spool_slot`)."""
+        return str(self.values["NodeId"]) or f"{self.values['Name']}@{socket.gethostname()}"
+
+    @property
+    def spool_prefix(self) -> str:
+        """What starts the names of this node's spool folders on a shared storage ("" for one node alone)."""
+        return re.sub(r"[^A-Za-z0-9_.@-]", "_", self.node_id)[:80] + "." if self.shared else ""
+
+    def spool_slot(self, slot: str) -> str:
+        """The spool folder (``.tmp/<name>``) of one process of this node: its slot, prefixed on a shared storage
+        so that a node recovering after a crash never touches the spool files of another node."""
+        return self.spool_prefix + slot
 
 
 def strip_json_comments(text: str) -> str:

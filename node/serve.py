@@ -18,12 +18,12 @@ import socket
 import sys
 import threading
 import time
-from pathlib import Path
 from types import FrameType
 from typing import IO
 
 from node import logs
 from node.archive import outbox
+from node.archive.db import release_connections
 from node.archive.models import Outbox
 from node.archive.store import Archive, open_archive, recover
 from node.config import Config, ConfigError
@@ -80,7 +80,7 @@ def routing_workers(cfg: Config) -> int:
 
 def _open(cfg: Config, slot: str = "0") -> Archive:
     return open_archive(cfg.database_url, cfg.storage_dir, overwrite=cfg["OverwriteInstances"],
-                        sync=cfg["SyncStorageArea"], slot=slot)  # fmt: skip
+                        sync=cfg["SyncStorageArea"], slot=cfg.spool_slot(slot))  # fmt: skip
 
 
 def _run_receiver(cfg: Config, stop: StopFlag, slot: str, reuse_port: bool) -> None:
@@ -149,15 +149,18 @@ def _run_http(cfg: Config, stop: StopFlag, slot: str) -> None:
         archive.close()
 
 
-def _lock_storage(storage: Path) -> IO[str]:
-    """One node per storage area: a second ``serve`` on it would take the first one's spool files for
-    crash leftovers and delete them."""
-    fh = open(storage / ".lock", "a+")  # noqa: SIM115 - held for the process' lifetime
+def _lock_storage(cfg: Config) -> IO[str]:
+    """One node per storage area (SQLite), or per ``NodeId`` on a storage shared through PostgreSQL: a second
+    ``serve`` as the same node would take the first one's spool files for crash leftovers and delete them."""
+    storage = cfg.storage_dir
+    name = f".lock.{cfg.spool_prefix}node" if cfg.shared else ".lock"
+    fh = open(storage / name, "a+")  # noqa: SIM115 - held for the process' lifetime
     try:
         fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         fh.close()
-        raise ConfigError(f"{storage} is in use by another running dicom-node") from None
+        who = f" as node {cfg.node_id!r} (give each node its own NodeId)" if cfg.shared else ""
+        raise ConfigError(f"{storage} is in use by another running dicom-node{who}") from None
     fh.seek(0)
     fh.truncate()
     fh.write(f"{os.getpid()}\n")
@@ -192,13 +195,14 @@ def serve(cfg: Config) -> int:
     os.umask(0o077)  # DICOM files and the index hold PHI: readable by the node's user only
     for w in cfg.warnings:
         log.warning("configuration", message=w)
-    lock = _lock_storage(cfg.storage_dir)
+    lock = _lock_storage(cfg)
     n = receiver_processes(cfg)
     _check_port(cfg["DicomListenAddress"], cfg["DicomPort"])
     if cfg["HttpServerEnabled"]:
         _check_port(http_host(cfg), cfg["HttpPort"])
     archive = _open(cfg)  # creates the schema
-    finished, dropped, _ = recover(archive)  # every receiver's leftovers, before any receiver runs
+    # Every receiver's leftovers, before any receiver runs: this node's only, when nodes share the storage.
+    finished, dropped, _ = recover(archive, slots=archive.storage.slots(cfg.spool_prefix) if cfg.shared else None)
     with archive.db.connection_context():
         released = outbox.release_claims_of(archive.db, worker.worker_prefix(cfg))  # ours, from before a crash
         queued = Outbox.select().where(Outbox.state.in_([outbox.PENDING, outbox.CLAIMED])).count()
@@ -233,6 +237,7 @@ def _supervise(cfg: Config, archive: Archive, n: int, stop: StopFlag) -> int:
     archive.close()
 
     def spawn(slot: str) -> None:
+        release_connections(archive.db)  # a child must never inherit (and share) a database connection
         pid = os.fork()
         if pid == 0:  # child: its own signal handling, then serve
             _die_with_parent(parent)
@@ -283,7 +288,7 @@ def _supervise(cfg: Config, archive: Archive, n: int, stop: StopFlag) -> int:
         for item in list(pending):  # never respawn into a slot whose spool folder is not recovered
             slot, dead_pid, status = item
             try:
-                finished, dropped, _ = recover(archive, slots=[slot])
+                finished, dropped, _ = recover(archive, slots=[cfg.spool_slot(slot)])
                 if slot.startswith("w"):
                     with archive.db.connection_context():
                         outbox.release_claims_of(archive.db, f"{worker.worker_prefix(cfg)}{slot}:{dead_pid}")

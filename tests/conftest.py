@@ -31,6 +31,83 @@ DCMTK = Path(os.environ.get("DCMTK_BIN", "/usr/bin"))  # never pynetdicom's cons
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 
 
+#: An admin URL of a PostgreSQL server (a role that may CREATE DATABASE). When set, every archive and node of
+#: the tests gets a throwaway database there instead of an SQLite file (``scripts/test.sh`` runs the archive,
+#: engine and gateway suites once more that way).
+PG_ADMIN = os.environ.get("DICOM_NODE_TEST_POSTGRES", "")
+
+
+def _pg_admin_sql(sql: str) -> None:
+    import psycopg2
+
+    con = psycopg2.connect(PG_ADMIN)
+    con.autocommit = True
+    try:
+        con.cursor().execute(sql)
+    finally:
+        con.close()
+
+
+def new_database_url(tmp_path: Path, name: str = "index", session: bool = False) -> str:
+    """An empty index for one test: ``sqlite:///<tmp_path>/<name>.db``, or a fresh PostgreSQL database, dropped
+    after the test (``session``: at the end of the run, for a module-scoped corpus)."""
+    if not PG_ADMIN:
+        return f"sqlite:///{tmp_path}/{name}.db"
+    import uuid
+
+    db = f"dn_test_{uuid.uuid4().hex[:16]}"
+    _pg_admin_sql(f'CREATE DATABASE "{db}"')
+    (_SESSION if session else _CREATED).append(db)
+    return PG_ADMIN.rsplit("/", 1)[0] + "/" + db
+
+
+_CREATED: list[str] = []
+_SESSION: list[str] = []
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _drop_session_databases() -> Iterator[None]:
+    yield
+    while _SESSION:
+        _pg_admin_sql(f'DROP DATABASE IF EXISTS "{_SESSION.pop()}" WITH (FORCE)')
+
+
+@pytest.fixture(autouse=True)
+def _drop_test_databases() -> Iterator[None]:
+    yield
+    while _CREATED:
+        _pg_admin_sql(f'DROP DATABASE IF EXISTS "{_CREATED.pop()}" WITH (FORCE)')
+
+
+@pytest.fixture
+def db_url(tmp_path: Path) -> str:
+    return new_database_url(tmp_path)
+
+
+def sql_rows(url: str, sql: str, *args: Any) -> list[tuple[Any, ...]]:
+    """Run one statement (``?`` placeholders) against a test index, SQLite or PostgreSQL, outside the node."""
+    if url.startswith("sqlite:///"):
+        con = sqlite3.connect(url[len("sqlite:///") :])
+        try:
+            con.execute("PRAGMA foreign_keys = ON")  # as the node has it (ON DELETE CASCADE)
+            rows = con.execute(sql, args).fetchall()
+            con.commit()
+            return rows
+        finally:
+            con.close()
+    import psycopg2
+
+    con = psycopg2.connect(url)
+    try:
+        cur = con.cursor()
+        cur.execute(sql.replace("?", "%s"), args)
+        rows = cur.fetchall() if cur.description else []
+        con.commit()
+        return [tuple(r) for r in rows]
+    finally:
+        con.close()
+
+
 def dcmtk(tool: str) -> str:
     path = DCMTK / tool
     if not path.exists():
@@ -168,6 +245,7 @@ class Node:
     config: dict[str, Any] = field(default_factory=dict)
     proc: subprocess.Popen[bytes] | None = None
     http_port: int = field(default_factory=free_port)
+    database: str = ""  # the index URL; "" until write_config picks one (SQLite under the workdir, or PG_ADMIN's)
 
     @property
     def storage(self) -> Path:
@@ -186,9 +264,11 @@ class Node:
         return f"{self.aet}@127.0.0.1:{self.port}"
 
     def write_config(self) -> Path:
+        if not self.database and PG_ADMIN:
+            self.database = self.config.get("Database") or new_database_url(self.workdir)
         cfg = {"DicomAet": self.aet, "DicomPort": self.port, "DicomListenAddress": "127.0.0.1",
                "StorageDirectory": "storage", "IndexDirectory": "index", "HttpPort": self.http_port,
-               **self.config}  # fmt: skip
+               **({"Database": self.database} if self.database else {}), **self.config}  # fmt: skip
         path = self.workdir / "node.json"
         path.write_text("// test configuration\n" + json.dumps(cfg, indent=2))
         return path
@@ -268,11 +348,7 @@ class Node:
         return out
 
     def query(self, sql: str, *args: Any) -> list[tuple[Any, ...]]:
-        con = sqlite3.connect(self.index_db)
-        try:
-            return con.execute(sql, args).fetchall()
-        finally:
-            con.close()
+        return sql_rows(self.config.get("Database") or self.database or f"sqlite:///{self.index_db}", sql, *args)
 
     def spool_files(self) -> list[Path]:
         """Files left in the receivers' spool folders (``.tmp/<slot>/``)."""
@@ -312,21 +388,21 @@ def run(cmd: list[str], timeout: float = 300, **kw: Any) -> subprocess.Completed
 
 
 @pytest.fixture
-def rest_archive(tmp_path: Path) -> Any:
+def rest_archive(tmp_path: Path, db_url: str) -> Any:
     from node.archive.store import open_archive
 
-    return open_archive(f"sqlite:///{tmp_path}/index.db", tmp_path / "storage")
+    return open_archive(db_url, tmp_path / "storage")
 
 
 @pytest.fixture
-def rest_client(rest_archive: Any, tmp_path: Path) -> Any:
+def rest_client(rest_archive: Any, tmp_path: Path, db_url: str) -> Any:
     from fastapi.testclient import TestClient
 
     from node import config
     from node.rest.app import create_app
 
     cfg = config.build(None, {"StorageDirectory": str(tmp_path / "storage"), "IndexDirectory": str(tmp_path),
-                              "DicomAet": "RESTNODE"}, environ={})  # fmt: skip
+                              "DicomAet": "RESTNODE", "Database": db_url}, environ={})  # fmt: skip
     return TestClient(create_app(cfg, rest_archive))
 
 

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import os
-import sqlite3
 import subprocess
 import sys
 from pathlib import Path
 
 import pydicom
 import pytest
-from conftest import make_instance
+from conftest import make_instance, sql_rows
 
 from node.archive.models import Change, Garbage, Instance, Patient, Series, Study
 from node.archive.query import statistics
@@ -30,8 +29,8 @@ def put(archive: Archive, src: Path):
 
 
 @pytest.fixture
-def archive(tmp_path: Path) -> Archive:
-    return open_archive(f"sqlite:///{tmp_path}/index.db", tmp_path / "storage")
+def archive(tmp_path: Path, db_url: str) -> Archive:
+    return open_archive(db_url, tmp_path / "storage")
 
 
 def files_in(archive: Archive) -> set[Path]:
@@ -87,12 +86,10 @@ def test_duplicate_replaces_atomically_when_overwrite_is_on(archive: Archive, tm
         assert Instance.select().count() == 1 and Garbage.select().count() == 0
 
 
-def test_database_failure_leaves_no_row_and_no_file(archive: Archive, tmp_path: Path) -> None:
+def test_database_failure_leaves_no_row_and_no_file(archive: Archive, tmp_path: Path, db_url: str) -> None:
     good = put(archive, make_instance(tmp_path / "g.dcm"))
-    con = sqlite3.connect(archive.storage.root.parent / "index.db")
-    con.execute('ALTER TABLE "change" RENAME TO "change_gone"')  # the INSERT into change will fail mid-transaction
-    con.commit()
-    con.close()
+    archive.db.close()  # PostgreSQL: the table's lock must not wait for our idle connection
+    sql_rows(db_url, 'ALTER TABLE "change" RENAME TO "change_gone"')  # the INSERT into change fails mid-transaction
     with pytest.raises(Exception, match="change"):
         put(archive, make_instance(tmp_path / "x.dcm", patient_id="OTHER"))
     with archive.db.connection_context():
@@ -131,15 +128,11 @@ def test_storage_paths_never_come_from_dicom_values(archive: Archive) -> None:
     assert p.parent.parent == archive.storage.root
 
 
-def test_a_stale_series_cache_never_attaches_an_instance_to_the_wrong_series(tmp_path: Path) -> None:
-    url, storage = f"sqlite:///{tmp_path}/index.db", tmp_path / "storage"
+def test_a_stale_series_cache_never_attaches_an_instance_to_the_wrong_series(tmp_path: Path, db_url: str) -> None:
+    url, storage = db_url, tmp_path / "storage"
     first = open_archive(url, storage)
     a = put(first, make_instance(tmp_path / "a.dcm", study_uid="1.5", series_uid="1.5.1"))
-    con = sqlite3.connect(tmp_path / "index.db")
-    con.execute("PRAGMA foreign_keys = ON")
-    con.execute('DELETE FROM "patient"')  # cascades to study, series, instance (a later REST DELETE does this)
-    con.commit()
-    con.close()
+    sql_rows(url, 'DELETE FROM "patient"')  # cascades to study, series, instance (a later REST DELETE does this)
     make_instance(tmp_path / "c.dcm", study_uid="2.5", series_uid="2.5.1")
     other_process = (  # another receiver stores a new series, which may reuse the deleted rows' ids
         "import sys; sys.path.insert(0, 'tests'); from pathlib import Path; from test_archive import put;"

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import make_instance, store_file
+from conftest import make_instance, new_database_url, store_file
 from fastapi.testclient import TestClient
 from hypothesis import given
 from hypothesis import strategies as st
@@ -228,10 +228,12 @@ class Corpus:
         return r.json()  # type: ignore[no-any-return]
 
 
-def _populate(root: Path) -> Corpus:
+def _populate(root: Path, session: bool = False) -> Corpus:
     """An archive under ``root`` holding the corpus above, stored as the receiver stores."""
-    archive = open_archive(f"sqlite:///{root}/index.db", root / "storage", sync=False)
-    cfg = config.build(None, {"StorageDirectory": str(root / "storage"), "IndexDirectory": str(root)}, environ={})
+    url = new_database_url(root, session=session)
+    archive = open_archive(url, root / "storage", sync=False)
+    cfg = config.build(None, {"StorageDirectory": str(root / "storage"), "IndexDirectory": str(root),
+                              "Database": url}, environ={})  # fmt: skip
     out = Corpus(archive, TestClient(create_app(cfg, archive)))
     n = 0
     for series_uid, (study_uid, modality, count) in SERIES.items():
@@ -255,7 +257,7 @@ def _populate(root: Path) -> Corpus:
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Corpus]:
-    out = _populate(tmp_path_factory.mktemp("find"))
+    out = _populate(tmp_path_factory.mktemp("find"), session=True)
     yield out
     out.archive.close()
 
@@ -569,6 +571,7 @@ PLANNED = [
 ]  # fmt: skip
 
 
+@pytest.mark.sqlite_only  # SQLite's EXPLAIN QUERY PLAN; PostgreSQL plans by statistics (scripts/bench_qr.py)
 @pytest.mark.parametrize(("level", "query", "mode", "indexes"), PLANNED, ids=lambda v: str(v) if v else "-")
 def test_common_queries_are_index_searches_only(
     corpus: Corpus, monkeypatch: pytest.MonkeyPatch, level: Level, query: dict[str, str], mode: str,
@@ -589,6 +592,7 @@ def test_common_queries_are_index_searches_only(
         assert any(f"INDEX {name} (" in line for line in lines), f"{name} unused:\n" + "\n".join(lines)
 
 
+@pytest.mark.sqlite_only
 def test_the_plan_check_catches_a_table_walk(corpus: Corpus, monkeypatch: pytest.MonkeyPatch) -> None:
     """A listing and a constraint no column holds do walk the table, and the check above says so."""
     db = corpus.archive.db
@@ -682,10 +686,10 @@ def rebind() -> Iterator[None]:
     database.initialize(bound)
 
 
-def test_folded_columns_follow_their_source_on_every_write(tmp_path: Path, rebind: None) -> None:
+def test_folded_columns_follow_their_source_on_every_write(tmp_path: Path, rebind: None, db_url: str) -> None:
     from node.archive.db import open_index
 
-    db = open_index(f"sqlite:///{tmp_path}/index.db")
+    db = open_index(db_url)
     with db.connection_context():
         p = Patient.create(public_id="x", patient_id="Ab1", patient_name="Straße^Éva", main_tags="{}")
         row = Patient.get_by_id(p.id)
@@ -719,6 +723,7 @@ _MIGRATION_QUERIES = [
 ]
 
 
+@pytest.mark.sqlite_only  # the SQLite file rewritten to schema 4; test_pseudonyms migrates on both databases
 @pytest.mark.parametrize("version", [4, 2])
 def test_an_older_index_is_migrated_with_its_folded_columns_filled(tmp_path: Path, rebind: None, version: int) -> None:
     """An index written by schema 4 (no folded columns, ``series (modality)`` index) opens as schema 5: every

@@ -19,8 +19,8 @@ from node.routing.rules import parse_routes
 
 
 @pytest.fixture
-def archive(tmp_path: Path) -> Archive:
-    a = open_archive(f"sqlite:///{tmp_path}/index.db", tmp_path / "storage")
+def archive(tmp_path: Path, db_url: str) -> Archive:
+    a = open_archive(db_url, tmp_path / "storage")
     a.db.connect()
     return a
 

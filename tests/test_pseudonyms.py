@@ -4,12 +4,11 @@ restarts, separate per project."""
 from __future__ import annotations
 
 import multiprocessing
-import sqlite3
 from pathlib import Path
 
 import pydicom
 import pytest
-from conftest import SAMPLES
+from conftest import SAMPLES, new_database_url, sql_rows
 
 from node.archive.db import open_index
 from node.archive.models import SCHEMA_VERSION, Metadata, Outbox, Property, Pseudonym, Study
@@ -19,9 +18,14 @@ from node.dicom.apply import apply
 from node.dicom.levels import Level
 from node.dicom.request import parse_anonymize
 
+_URLS: dict[Path, str] = {}
+
 
 def url(tmp_path: Path) -> str:
-    return f"sqlite:///{tmp_path / 'index.db'}"
+    """The test's index (the same one on every call: tests reopen it)."""
+    if tmp_path not in _URLS:
+        _URLS[tmp_path] = new_database_url(tmp_path)
+    return _URLS[tmp_path]
 
 
 def test_one_original_one_pseudonym_per_project_across_reopen(tmp_path: Path) -> None:
@@ -85,22 +89,23 @@ def test_an_older_index_is_migrated(tmp_path: Path, version: int) -> None:
     """A version-1/2 index (no Pseudonym/Outbox, no stability columns) opens as the current schema; the
     series and studies already there count as stable (a new StableStudy rule does not resend the archive)."""
     db = open_index(url(tmp_path))
-    db.close()
-    con = sqlite3.connect(tmp_path / "index.db")
-    con.execute("INSERT INTO patient (public_id, patient_id, patient_name, main_tags, last_update) "
-                "VALUES ('p', 'P', '', '{}', '2020-01-01')")  # fmt: skip
-    con.execute("INSERT INTO study (public_id, patient_id, study_uid, study_date, accession_number, main_tags, "
-                "last_update, stable_pending) VALUES ('s', 1, '1.2', '', '', '{}', '2020-01-01', 1)")  # fmt: skip
-    con.execute("DROP TABLE outbox")
-    if version == 1:
-        con.execute("DROP TABLE pseudonym")
+    from node.archive.db import release_connections
+
+    release_connections(db)
+    sql = [
+        "INSERT INTO patient (public_id, patient_id, patient_name, main_tags, last_update) "
+        "VALUES ('p', 'P', '', '{}', '2020-01-01')",
+        "INSERT INTO study (public_id, patient_id, study_uid, study_date, accession_number, main_tags, "
+        "last_update, stable_pending) VALUES ('s', 1, '1.2', '', '', '{}', '2020-01-01', TRUE)",
+        "DROP TABLE outbox",
+        *(["DROP TABLE pseudonym"] if version == 1 else []),
+    ]
     for table in ("series", "study"):
-        con.execute(f"DROP INDEX {table}_stable_pending")
-        con.execute(f"ALTER TABLE {table} DROP COLUMN stable_pending")
-        con.execute(f"ALTER TABLE {table} DROP COLUMN stable_seen")
-    con.execute(f"UPDATE property SET value = '{version}' WHERE key = 'SchemaVersion'")
-    con.commit()
-    con.close()
+        sql += [f"DROP INDEX {table}_stable_pending", f"ALTER TABLE {table} DROP COLUMN stable_pending",
+                f"ALTER TABLE {table} DROP COLUMN stable_seen"]  # fmt: skip
+    sql.append(f"UPDATE property SET value = '{version}' WHERE key = 'SchemaVersion'")
+    for statement in sql:  # the same SQL on SQLite and PostgreSQL: the migration is checked on both
+        sql_rows(url(tmp_path), statement)
     db = open_index(url(tmp_path))
     with db.connection_context():
         assert Property.get(Property.key == "SchemaVersion").value == str(SCHEMA_VERSION) == "5"

@@ -167,10 +167,10 @@ def test_in_place_modification_sanity_checks(rest_client: TestClient, study: dic
     assert ok(rest_client.get("/statistics"))["CountInstances"] == 4
 
 
-def test_in_place_modification_with_overwrite(tmp_path: Path) -> None:
+def test_in_place_modification_with_overwrite(tmp_path: Path, db_url: str) -> None:
     cfg = config.build(None, {"StorageDirectory": str(tmp_path / "st"), "IndexDirectory": str(tmp_path),
-                              "OverwriteInstances": True}, environ={})  # fmt: skip
-    archive = open_archive(f"sqlite:///{tmp_path}/index.db", tmp_path / "st", overwrite=True)
+                              "OverwriteInstances": True, "Database": db_url}, environ={})  # fmt: skip
+    archive = open_archive(db_url, tmp_path / "st", overwrite=True)
     client = TestClient(create_app(cfg, archive))
     for i in (1, 2):
         path = make_instance(tmp_path / f"{i}.dcm", patient_id="887", study_uid="3.1", series_uid="3.1.1",
@@ -387,13 +387,14 @@ def test_cancel_stops_a_running_job_and_resubmit_runs_it_again() -> None:
     engine.shutdown()
 
 
-def test_routing_deliveries_of_a_job_are_queued_only_when_it_succeeds(tmp_path: Path) -> None:
+def test_routing_deliveries_of_a_job_are_queued_only_when_it_succeeds(tmp_path: Path, db_url: str) -> None:
     from node.archive.models import Instance, Outbox
 
     cfg = config.build(None, {"StorageDirectory": str(tmp_path / "st"), "IndexDirectory": str(tmp_path),
                               "DicomModalities": {"dest": ["DEST", "127.0.0.1", 1]},
-                              "Routes": [{"Name": "all", "Forward": ["dest"]}]}, environ={})  # fmt: skip
-    archive = open_archive(f"sqlite:///{tmp_path}/index.db", tmp_path / "st")
+                              "Routes": [{"Name": "all", "Forward": ["dest"]}], "Database": db_url},
+                       environ={})  # fmt: skip
+    archive = open_archive(db_url, tmp_path / "st")
     client = TestClient(create_app(cfg, archive))
     for i in (1, 2, 3):
         store_file(archive, make_instance(tmp_path / f"{i}.dcm", patient_id="R1", study_uid="6.1",

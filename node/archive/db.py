@@ -7,10 +7,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from peewee import SQL, BooleanField, CharField, Database, DateTimeField, Field, SqliteDatabase
-from playhouse.db_url import connect as connect_url
+from peewee import SQL, BooleanField, CharField, Database, DateTimeField, Field, PostgresqlDatabase, SqliteDatabase
+from playhouse.db_url import parse as parse_url
 from playhouse.migrate import SchemaMigrator
 from playhouse.migrate import migrate as migrate_columns
+from playhouse.pool import PooledPostgresqlDatabase
 
 from node.archive.models import ALL_MODELS, SCHEMA_VERSION, Patient, Property, Study, database, fold
 
@@ -26,8 +27,64 @@ SQLITE_PRAGMAS = {
 }
 
 
+#: PostgreSQL advisory lock key held while the schema is checked, created or migrated ("dicomnod").
+_SCHEMA_LOCK = 0x6469636F6D6E6F64
+
+
 class SchemaError(RuntimeError):
     """The index was written by a newer dicom-node, or cannot be migrated."""
+
+
+class _Lease:
+    """A pooled connection held by one thread: handed back to the pool when that thread ends without closing it.
+
+    The receivers keep one connection per association thread open between C-STOREs (:func:`node.archive.store.store`
+    connects with ``reuse_if_open``); pynetdicom ends the thread with the association. peewee's pool would count
+    such a connection as in use forever and refuse new ones after ``max_connections`` associations. The lease
+    lives in the thread's ``threading.local`` state, so it is collected with the thread.
+    """
+
+    __slots__ = ("armed", "conn", "db")
+
+    def __init__(self, db: PooledPostgresqlDatabase, conn: Any) -> None:
+        self.db, self.conn, self.armed = db, conn, True
+
+    def __del__(self) -> None:
+        if self.armed:
+            self.armed = False
+            with contextlib.suppress(Exception):  # a finaliser never raises; the pool drops a broken connection
+                self.db._close(self.conn)
+
+
+class NodePostgresqlDatabase(PooledPostgresqlDatabase):
+    """PostgreSQL with a pool of connections per process (see :class:`_Lease` for threads that never close)."""
+
+    def connect(self, reuse_if_open: bool = False) -> bool:
+        opened = super().connect(reuse_if_open)
+        if opened:
+            self._state.lease = _Lease(self, self._state.conn)
+        return bool(opened)
+
+    def close(self) -> bool:
+        lease = getattr(self._state, "lease", None)
+        if lease is not None:
+            lease.armed = False
+            self._state.lease = None
+        return bool(super().close())
+
+
+def is_postgres(db_or_url: Database | str) -> bool:
+    if isinstance(db_or_url, str):
+        return db_or_url.startswith(("postgresql://", "postgres://"))
+    return isinstance(db_or_url, PostgresqlDatabase)
+
+
+#: Connections one process keeps at most (every association thread, REST request or job holds one while it
+#: works); a thread asking for one more waits up to ``POOL_WAIT_S`` for one to be handed back.
+POOL_SIZE = 40
+POOL_WAIT_S = 60
+#: An idle pooled connection older than this is closed rather than reused (a server restart, a proxy timeout).
+POOL_STALE_S = 300
 
 
 def connect(url: str) -> Database:
@@ -36,16 +93,32 @@ def connect(url: str) -> Database:
         path = Path(url[len("sqlite:///") :])
         path.parent.mkdir(parents=True, exist_ok=True)
         db: Database = SqliteDatabase(str(path), pragmas=SQLITE_PRAGMAS, timeout=60)
+    elif is_postgres(url):
+        params = parse_url("postgresql://" + url.split("://", 1)[1])
+        name = params.pop("database")
+        params.setdefault("connect_timeout", 10)
+        db = NodePostgresqlDatabase(name, max_connections=POOL_SIZE, stale_timeout=POOL_STALE_S, timeout=POOL_WAIT_S,
+                                    **params)  # fmt: skip
     else:
-        db = connect_url(url)
+        raise ValueError(f"not a sqlite:/// or postgresql:// URL: {url!r}")
     database.initialize(db)
     return db
+
+
+def release_connections(db: Database) -> None:
+    """Close every connection of this process' pool (before ``fork``: a child must not share a server socket)."""
+    if isinstance(db, PooledPostgresqlDatabase):
+        db.close_all()
+    else:
+        db.close()
 
 
 def open_index(url: str) -> Database:
     """Connect, create missing tables, check and record the schema version (migrating an older index)."""
     db = connect(url)
     with db.connection_context(), db.atomic():
+        if is_postgres(db):  # nodes starting together: one creates or migrates the schema, the others wait
+            db.execute_sql("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
         version = None
         if db.table_exists(Property._meta.table_name):
             row = Property.get_or_none(Property.key == "SchemaVersion")
@@ -55,6 +128,10 @@ def open_index(url: str) -> Database:
                 f"the index at {url} has schema version {version}, newer than this dicom-node "
                 f"({SCHEMA_VERSION}): upgrade dicom-node"
             )
+        if version == SCHEMA_VERSION:
+            # Up to date: no DDL at all. On PostgreSQL even ``CREATE INDEX IF NOT EXISTS`` takes a SHARE lock on
+            # its table, which deadlocked with a receiver's insert when a worker process opened the index.
+            return db
         if version is not None and version < SCHEMA_VERSION:
             migrate(db, version)  # before create_tables: its indexes may name the columns a migration adds
         db.create_tables(ALL_MODELS, safe=True)
@@ -140,6 +217,22 @@ def _fill_folded(db: Database, table: str, source: str, folded: str) -> None:
         if len(rows) < _FILL_BATCH:
             return
         last = rows[-1][0]
+
+
+#: PostgreSQL SQLSTATEs that mean "this transaction lost a race, run it again": deadlock_detected,
+#: serialization_failure, lock_not_available.
+_TRANSIENT = frozenset({"40P01", "40001", "55P03"})
+
+
+def is_transient(exc: BaseException) -> bool:
+    """A database error that a retry of the whole transaction cures (another node's transaction won a race).
+
+    peewee wraps the driver's exception and keeps it as the first argument (and as ``__cause__``).
+    """
+    for candidate in (exc, exc.__cause__, *(exc.args[:1] if exc.args else ())):
+        if getattr(candidate, "pgcode", None) in _TRANSIENT:
+            return True
+    return False
 
 
 @contextlib.contextmanager

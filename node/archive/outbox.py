@@ -11,7 +11,9 @@ works the rows off. States::
 
 A claim is a lease: a row whose worker died is pending again once ``lease_until`` has passed, so delivery is
 at-least-once. Claims are made with an ``UPDATE … WHERE state = 'pending'`` guarded by a fresh token, which
-is safe with several worker processes and several nodes on one PostgreSQL index.
+is safe with several worker processes and several nodes on one PostgreSQL index; there the rows are first
+selected ``FOR UPDATE SKIP LOCKED``, so the workers of several nodes claim disjoint batches without waiting
+for each other (on SQLite the write transaction already serialises claims).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from typing import Any
 
 from peewee import Database, fn
 
-from node.archive.db import write_transaction
+from node.archive.db import is_postgres, write_transaction
 from node.archive.models import Outbox, utcnow
 
 PENDING, CLAIMED, DONE, DEAD = "pending", "claimed", "done", "dead"
@@ -158,10 +160,23 @@ def claim(
         if not candidates:
             return []
         destination = candidates[0]
-        ids = [
-            i for (i,) in Outbox.select(Outbox.id).where(due & (Outbox.destination == destination))
-            .order_by(Outbox.id).limit(limit).tuples()
-        ]  # fmt: skip
+        if is_postgres(db):
+            # Claims of one destination by several nodes take turns (a short transaction lock), so the count
+            # of live claims read under it holds: RoutingAssociationsPerDestination is a limit for the cluster.
+            db.execute_sql("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"dicom-node-outbox:{destination}",))
+            live = (
+                Outbox.select(fn.COUNT(fn.DISTINCT(Outbox.claim)))
+                .where((Outbox.state == CLAIMED) & (Outbox.lease_until >= now) & (Outbox.destination == destination))
+                .scalar()
+            )
+            if live >= max_per_destination:
+                return []
+        rows = Outbox.select(Outbox.id).where(due & (Outbox.destination == destination)).order_by(Outbox.id)
+        if is_postgres(db):  # rows another node's worker is claiming right now are skipped, not waited for
+            rows = rows.for_update("FOR UPDATE SKIP LOCKED")
+        ids = [i for (i,) in rows.limit(limit).tuples()]
+        if not ids:
+            return []
         lease = now + dt.timedelta(seconds=lease_s)
         Outbox.update(state=CLAIMED, claim=token, claimed_by=worker, lease_until=lease, updated_at=now).where(
             Outbox.id.in_(ids) & (Outbox.state == PENDING)

@@ -30,14 +30,20 @@ FLUSH_EVERY = 512
 MEMO_SIZE = 200_000
 
 
+def _lock_counter(db: Database) -> Property | None:
+    """The counter's row, locked until the transaction ends. SQLite's write lock is the whole file already;
+    PostgreSQL locks the row, which must exist first (several nodes draw numbers from one index)."""
+    counter = Property.select().where(Property.key == NAME_COUNTER)
+    if not isinstance(db, SqliteDatabase):
+        Property.insert(key=NAME_COUNTER, value="0").on_conflict_ignore().execute()
+        counter = counter.for_update()
+    return counter.first()  # type: ignore[no-any-return]
+
+
 def next_anonymization_number(db: Database, count: int = 1) -> int:
     """Take the next N of ``Anonymized<N>`` from the index-wide counter (Orthanc's global property
     ``AnonymizationSequence``); with ``count`` > 1, reserve N..N+count-1. Call inside a write transaction."""
-    counter = Property.select().where(Property.key == NAME_COUNTER)
-    if not isinstance(db, SqliteDatabase):  # SQLite's write lock is the whole file; PostgreSQL locks the row,
-        Property.insert(key=NAME_COUNTER, value="0").on_conflict_ignore().execute()  # which must exist first
-        counter = counter.for_update()
-    row = counter.first()
+    row = _lock_counter(db)
     number = int(row.value) + 1 if row is not None else 1
     last = str(number + count - 1)
     Property.insert(key=NAME_COUNTER, value=last).on_conflict(
@@ -176,7 +182,9 @@ class DatabaseUidMap:
             found = self._read(NAME_SPACE, stripped)
             if found is None:
                 with write_transaction(self.db):
-                    # Read again under the write lock: another process may have been first (no number wasted).
+                    # Read again under the write lock (PostgreSQL: the counter's row lock, taken first), since
+                    # another process may have been first: no number wasted, none drawn twice.
+                    _lock_counter(self.db)
                     if self._read(NAME_SPACE, stripped) is None:
                         number = next_anonymization_number(self.db)
                         values = {"project": self.project, "namespace": NAME_SPACE, "original": stripped,

@@ -193,6 +193,10 @@ class FileStorage:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(p)
 
+    def slots(self, prefix: str) -> list[str]:
+        """The spool folders whose names start with ``prefix`` (one node's, on a storage that nodes share)."""
+        return [d.name for d in self._spool_dirs() if d.name.startswith(prefix)]
+
     def _spool_dirs(self) -> list[Path]:
         try:
             return [Path(e.path) for e in os.scandir(self.tmp_root) if e.is_dir()]

@@ -10,15 +10,16 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import random
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from peewee import Database, IntegrityError
+from peewee import Database, IntegrityError, OperationalError
 
-from node.archive.db import open_index, write_transaction
+from node.archive.db import is_transient, open_index, write_transaction
 from node.archive.models import Change, Garbage, Instance, Metadata, Outbox, Patient, Series, Study, utcnow
 from node.archive.outbox import enqueue
 from node.archive.storage import FileStorage, SpoolFile
@@ -112,6 +113,8 @@ def _index_in_series(tags: IndexTags) -> int | None:
 
 
 _SERIES_CACHE_MAX = 4096
+#: Index transactions of one instance tried at most this often when they lose a race (unique key, deadlock).
+_MAX_ATTEMPTS = 6
 
 
 class _StaleCache(Exception):
@@ -263,11 +266,21 @@ def store(
     now = utcnow()
     try:
         archive.db.connect(reuse_if_open=True)
-        try:
-            status, old_uuid, uuid = _index(archive, spool, tags, ids, origin, now, True, deliveries, metadata)
-        except (IntegrityError, _StaleCache):
-            archive.series_cache.pop(ids.series, None)  # a parent changed under our cache, or a concurrent insert
-            status, old_uuid, uuid = _index(archive, spool, tags, ids, origin, now, False, deliveries, metadata)
+        attempt = 0
+        while True:
+            try:
+                status, old_uuid, uuid = _index(archive, spool, tags, ids, origin, now, attempt == 0, deliveries,
+                                                metadata)  # fmt: skip
+                break
+            except (IntegrityError, _StaleCache, OperationalError) as exc:
+                # A parent changed under our cache, or another receiver (of this node or another one) inserted
+                # the same patient, study, series or instance first: the unique keys refused ours, and the next
+                # attempt finds theirs. PostgreSQL may also pick our transaction as a deadlock's victim.
+                attempt += 1
+                if attempt >= _MAX_ATTEMPTS or (isinstance(exc, OperationalError) and not is_transient(exc)):
+                    raise
+                archive.series_cache.pop(ids.series, None)
+                time.sleep(random.uniform(0, 0.01 * attempt))
     except BaseException:
         storage.discard_spool(spool.uuid)
         raise
@@ -317,7 +330,9 @@ def store_many(archive: Archive, entries: Sequence[Entry]) -> list[StoreResult]:
                 ids = resource_ids(e.tags.patient_id, e.tags.study_uid, e.tags.series_uid, e.tags.sop_uid)
                 done.append(_index(archive, e.spool, e.tags, ids, e.origin, now, True, e.deliveries,
                                    e.metadata or {}))  # fmt: skip
-    except (IntegrityError, _StaleCache):
+    except (IntegrityError, _StaleCache, OperationalError) as exc:
+        if isinstance(exc, OperationalError) and not is_transient(exc):
+            raise
         archive.series_cache.clear()
         stored: list[StoreResult] = []
         for e in entries:

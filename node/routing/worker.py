@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import os
-import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -51,8 +50,9 @@ PERMANENT = (RequestError, NotDicom, Truncated, MalformedDataset)
 
 
 def worker_prefix(cfg: Config) -> str:
-    """Claims are named ``<node name>@<host>/<slot>:<pid>``: the node's own at start, a process' when it dies."""
-    return f"{cfg['Name'][:40]}@{socket.gethostname()[:60]}/"  # (the column holds 128 characters)
+    """Claims are named ``<node id>/<slot>:<pid>``: the node's own at start, a process' when it dies (the node
+    ID, ``NodeId`` or ``<Name>@<host>``, tells the nodes sharing an index apart)."""
+    return f"{cfg.node_id[:100]}/"  # (the column holds 128 characters)
 
 
 @dataclass
