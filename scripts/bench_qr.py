@@ -37,22 +37,38 @@ ModalitiesInStudy, NumberOfStudyRelatedSeries/Instances and NumberOfSeriesRelate
 
 **Modes**:
 
-* ``network``: ``python -m node serve --config F`` on the cached index (F: free port, REST off, one receiver
-  process, the bench SCU allowed to find), one pynetdicom association held open as a viewer does (with
-  TCP_NODELAY), latency = from sending the C-FIND request to its final response (every pending answer
+* ``network``: ``python -m node serve --config F`` on the cached index or its copy (F: free port, REST off,
+  one receiver process, the bench SCU allowed to find), one pynetdicom association held open as a viewer does
+  (with TCP_NODELAY), latency = from sending the C-FIND request to its final response (every pending answer
   received); also the time to the first answer, and the node's own C-FIND handler time (its ``find`` log
   event: from the request to the last answer handed to pynetdicom).
-* ``direct``: ``node.archive.find.find`` in this process and, per match, the answer's keys from
-  ``inherited_tags`` (what the SCP does before encoding): the index's share of the latency.
+* ``direct``: ``node.archive.find.find`` in this process (the archive opened by URL, as the node opens it)
+  and, per match, the answer's keys from ``inherited_tags`` (what the SCP does before encoding): the index's
+  share of the latency.
+
+**PostgreSQL** (``--postgres URL``, URL: any database of the server as a role that may ``CREATE DATABASE``,
+e.g. what ``scripts/postgres.sh`` prints): the chosen modes run on SQLite, then on a PostgreSQL copy of the
+same index (database ``--pg-db``, default ``dicomnode_qr_bench``), the same drawn queries on both; each gets
+its report, then a table of PostgreSQL's p50 and p99 over SQLite's per kind. The copy: database created,
+schema by ``node.archive.db.open_index`` (as a node creates it), every table's rows streamed from the SQLite
+file by ``COPY`` in one transaction (secondary indexes and foreign keys dropped first and the same definitions
+created again after the rows, booleans 0/1 as ``t``/``f``), id sequences moved past the copied ids,
+``VACUUM (ANALYZE)`` (statistics, and the visibility map that autovacuum would set a while after a load).
+The index's fingerprint is kept in the copy's ``property`` table (key ``BenchFingerprint``), so a rerun only
+measures; ``--rebuild-pg`` (or a rebuilt SQLite index) drops the database and copies again. Queries are drawn
+and their answers counted on the SQLite file (the same rows); every database's answers are checked.
 
 Each kind runs ``--warmup`` untimed then ``--reps`` timed queries, kinds interleaved round-robin so drift on
 the shared VM hits all alike. Every query's number of answers is checked against a count by plain SQL on the
 columns (a wrong count is printed: a fast wrong answer is no result). Prints p50/p99 per kind against the
-target, answers per query, and the index size on disk (``index.db`` + WAL)::
+target, answers per query, and the index size on disk (``index.db`` + WAL; the PostgreSQL database's)::
 
     python3 scripts/bench_qr.py                       # build once (45 min here), then direct and network
     python3 scripts/bench_qr.py --mode direct --reps 500
     python3 scripts/bench_qr.py --patients 200 --db /tmp/qr-small/index.db   # a quick smoke run
+    PG=$(bash scripts/postgres.sh)                    # a PostgreSQL server here: its admin URL
+    python3 scripts/bench_qr.py --postgres "$PG"      # copy once (minutes), then both modes on both databases
+    python3 scripts/bench_qr.py --patients 200 --db /tmp/qr-small/index.db --postgres "$PG" --pg-db qr_small
     python3 scripts/bench_qr.py ingest --runs 7       # store() timing on 2000 synthetic instances
 
 ``ingest`` is the ingest hot-path check of the same change: ``store()`` (spool file, index transaction,
@@ -230,17 +246,211 @@ def build(db_path: Path, shape: Shape, commit_every: int) -> None:
     log(f"built {done:,} instances in {time.perf_counter() - t0:,.0f} s")
 
 
-def ensure_index(db_path: Path, shape: Shape, rebuild: bool, commit_every: int) -> None:
+def ensure_index(db_path: Path, shape: Shape, rebuild: bool, commit_every: int) -> bool:
+    """Build the index unless the cached one has this shape; whether it was built."""
     stamp = db_path.parent / "fingerprint.json"
     if not rebuild and db_path.exists() and stamp.exists() and stamp.read_text() == shape.fingerprint():
         log(f"using the cached index {db_path} (--rebuild to build it again)")
-        return
+        return False
     log(f"building {shape.total:,} instances into {db_path}")
     build(db_path, shape, commit_every)
+    return True
 
 
 def index_size(db_path: Path) -> int:
     return sum(p.stat().st_size for p in (db_path, Path(f"{db_path}-wal")) if p.exists())
+
+
+# -- the PostgreSQL copy ----------------------------------------------------------------------------------------------
+
+#: The ``property`` row of the PostgreSQL copy holding the fingerprint of the SQLite index it copies.
+PG_STAMP_KEY = "BenchFingerprint"
+#: Rows read from SQLite and formatted per step of a table's COPY (bounded memory: a few MB of text).
+COPY_ROWS = 10_000
+_COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
+
+
+def pg_database_url(admin_url: str, name: str) -> str:
+    """``admin_url`` (any database of the server) with ``name`` as its database."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    return urlunsplit(urlsplit(admin_url)._replace(path=f"/{name}"))
+
+
+def _pg_stamp(url: str) -> str | None:
+    """The fingerprint recorded in the copy at ``url`` (None: no completed copy there)."""
+    import psycopg2
+
+    with contextlib.closing(psycopg2.connect(url)) as con, con.cursor() as cur:
+        cur.execute("SELECT to_regclass('property') IS NOT NULL")
+        if not cur.fetchone()[0]:
+            return None
+        cur.execute("SELECT value FROM property WHERE key = %s", (PG_STAMP_KEY,))
+        row = cur.fetchone()
+        return None if row is None else str(row[0])
+
+
+def ensure_postgres(admin_url: str, name: str, db_path: Path, fingerprint: str, rebuild: bool) -> str:
+    """The URL of database ``name`` holding a copy of the SQLite index (copied unless the copy is current)."""
+    import psycopg2
+    from psycopg2 import sql
+
+    url = pg_database_url(admin_url, name)
+    with contextlib.closing(psycopg2.connect(admin_url)) as admin:
+        admin.autocommit = True  # CREATE and DROP DATABASE run outside a transaction
+        with admin.cursor() as cur:
+            cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,))
+            exists = cur.fetchone() is not None
+            if exists and not rebuild:
+                stamp = _pg_stamp(url)
+                if stamp == fingerprint:
+                    log(f"using the cached PostgreSQL copy {name} (--rebuild-pg to copy it again)")
+                    return url
+                log(f"the PostgreSQL database {name} holds {'no complete copy' if stamp is None else 'another index'}")
+            if exists:
+                cur.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
+            cur.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    copy_to_postgres(db_path, url, fingerprint)
+    return url
+
+
+def copy_to_postgres(db_path: Path, url: str, fingerprint: str) -> None:
+    """Schema by ``open_index`` (as a node creates it), then every table's rows streamed from SQLite by COPY.
+
+    One transaction: the secondary indexes and foreign keys ``open_index`` made are dropped, the rows copied,
+    and the same definitions (``pg_get_indexdef``, ``pg_get_constraintdef``) created again, which builds each
+    index once instead of maintaining it per row; then the id sequences are moved past the copied ids and the
+    fingerprint recorded. ``VACUUM (ANALYZE)`` after the commit gives the planner its statistics and sets the
+    visibility map (index-only scans), as autovacuum would a while after a load.
+    """
+    import sqlite3
+
+    import psycopg2
+    from peewee import AutoField
+    from psycopg2 import sql
+
+    from node.archive.db import open_index, release_connections
+    from node.archive.models import ALL_MODELS
+
+    release_connections(open_index(f"sqlite:///{db_path}"))  # the SQLite index at this code's schema version
+    release_connections(open_index(url))  # the schema, exactly as a node creates it
+    t0 = time.perf_counter()
+    log(f"copying {db_path} into {url.rsplit('/', 1)[-1]}")
+    src = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
+    with contextlib.closing(psycopg2.connect(url)) as con:
+        with con, con.cursor() as cur:  # one transaction, committed at the end of the block
+            cur.execute("SET LOCAL maintenance_work_mem = '256MB'")
+            cur.execute(
+                "SELECT i.indexrelid::regclass::text, pg_get_indexdef(i.indexrelid) FROM pg_index i "
+                "JOIN pg_class t ON t.oid = i.indrelid WHERE t.relnamespace = current_schema()::regnamespace "
+                "AND NOT EXISTS (SELECT 1 FROM pg_constraint c WHERE c.conindid = i.indexrelid "
+                "AND c.contype IN ('p', 'u', 'x'))"
+            )
+            indexes = cur.fetchall()
+            cur.execute(
+                "SELECT conrelid::regclass::text, conname, pg_get_constraintdef(oid) FROM pg_constraint "
+                "WHERE contype = 'f' AND connamespace = current_schema()::regnamespace"
+            )
+            foreign_keys = cur.fetchall()
+            for table, constraint, _ in foreign_keys:
+                drop = sql.SQL("ALTER TABLE {} DROP CONSTRAINT {}")
+                cur.execute(drop.format(sql.SQL(table), sql.Identifier(constraint)))
+            for index, _ in indexes:
+                cur.execute(sql.SQL("DROP INDEX {}").format(sql.SQL(index)))
+            cur.execute("DELETE FROM property")  # open_index's SchemaVersion: the copy brings SQLite's
+            total = 0
+            for model in ALL_MODELS:
+                total += _copy_table(src, cur, model._meta.table_name)
+            t_rows = time.perf_counter()
+            for _, definition in indexes:
+                cur.execute(definition)
+            for table, constraint, definition in foreign_keys:
+                cur.execute(sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} {}").format(
+                    sql.SQL(table), sql.Identifier(constraint), sql.SQL(definition)))  # fmt: skip
+            log(f"  {len(indexes)} indexes and {len(foreign_keys)} foreign keys created in "
+                f"{time.perf_counter() - t_rows:,.1f} s")  # fmt: skip
+            for model in ALL_MODELS:
+                pk = model._meta.primary_key
+                if isinstance(pk, AutoField):
+                    table, column = model._meta.table_name, pk.column_name
+                    cur.execute(sql.SQL("SELECT setval(pg_get_serial_sequence(%s, %s), coalesce(max({}), 0) + 1, "
+                                        "false) FROM {}").format(sql.Identifier(column), sql.Identifier(table)),
+                                (f'"{table}"', column))  # fmt: skip
+            cur.execute("INSERT INTO property (key, value) VALUES (%s, %s)", (PG_STAMP_KEY, fingerprint))
+        t_commit = time.perf_counter()
+        con.autocommit = True
+        with con.cursor() as cur:
+            cur.execute("VACUUM (ANALYZE)")
+    src.close()
+    log(f"copied {total:,} rows in {t_commit - t0:,.0f} s, VACUUM (ANALYZE) {time.perf_counter() - t_commit:,.0f} s")
+
+
+def _copy_table(src: Any, cur: Any, table: str) -> int:
+    """COPY the rows of one SQLite table into the PostgreSQL table of the same name (the columns both have)."""
+    from psycopg2 import sql
+
+    cur.execute("SELECT column_name, data_type FROM information_schema.columns WHERE table_schema = current_schema() "
+                "AND table_name = %s ORDER BY ordinal_position", (table,))  # fmt: skip
+    pg_columns = cur.fetchall()
+    sqlite_columns = {row[1] for row in src.execute(f'PRAGMA table_info("{table}")')}
+    columns = [(name, kind) for name, kind in pg_columns if name in sqlite_columns]
+    if missing := [name for name, _ in pg_columns if name not in sqlite_columns]:
+        log(f"  {table}: the SQLite index has no column {', '.join(missing)} (PostgreSQL's default used)")
+    if src.execute(f'SELECT EXISTS (SELECT 1 FROM "{table}")').fetchone()[0] == 0:
+        return 0
+    t0 = time.perf_counter()
+    selected = ", ".join(f'"{name}"' for name, _ in columns)
+    rows = src.execute(f'SELECT {selected} FROM "{table}"')
+    converters = [_copy_bool if kind == "boolean" else _copy_value for _, kind in columns]
+    copied = [0]
+
+    def chunks() -> Iterator[str]:
+        while batch := rows.fetchmany(COPY_ROWS):
+            copied[0] += len(batch)
+            yield "".join("\t".join([f(v) for f, v in zip(converters, row, strict=True)]) + "\n" for row in batch)
+
+    statement = sql.SQL("COPY {} ({}) FROM STDIN").format(
+        sql.Identifier(table), sql.SQL(", ").join(sql.Identifier(name) for name, _ in columns))  # fmt: skip
+    cur.copy_expert(statement, _CopySource(chunks()), size=1 << 20)
+    log(f"  {table}: {copied[0]:,} rows in {time.perf_counter() - t0:,.1f} s")
+    return copied[0]
+
+
+def _copy_value(v: Any) -> str:
+    """One value in COPY's text format: NULL is ``\\N``; backslash, tab and line ends are escaped."""
+    if v is None:
+        return "\\N"
+    return v.translate(_COPY_ESCAPES) if isinstance(v, str) else str(v)
+
+
+def _copy_bool(v: Any) -> str:
+    """SQLite keeps a boolean as 0 or 1."""
+    return "\\N" if v is None else ("t" if v else "f")
+
+
+class _CopySource:
+    """The ``read(size)`` that ``copy_expert`` pulls COPY data from, fed a chunk of rows at a time."""
+
+    def __init__(self, chunks: Iterator[str]) -> None:
+        self._chunks = chunks
+        self._buf = ""
+        self._pos = 0
+
+    def read(self, size: int = -1) -> str:
+        if self._pos >= len(self._buf):
+            self._buf, self._pos = next(self._chunks, ""), 0
+        end = len(self._buf) if size < 0 else self._pos + size
+        out = self._buf[self._pos : end]
+        self._pos += len(out)
+        return out
+
+
+def pg_size(url: str) -> int:
+    import psycopg2
+
+    with contextlib.closing(psycopg2.connect(url)) as con, con.cursor() as cur:
+        cur.execute("SELECT pg_database_size(current_database())")
+        return int(cur.fetchone()[0])
 
 
 # -- query kinds ------------------------------------------------------------------------------------------------------
@@ -365,10 +575,11 @@ def measure(run: Runner, queries: list[Query], warmup: int) -> dict[str, Timing]
     return out
 
 
-def direct_runner(db_path: Path, keys: str) -> tuple[Runner, Callable[[], None]]:
+def direct_runner(url: str, storage_dir: Path, keys: str) -> tuple[Runner, Callable[[], None]]:
     """find() plus, per match, the requested keys from inherited_tags (C-FIND's semantics: PN case-insensitive);
-    with ``viewer`` keys also the computed ones, through the C-FIND SCP's own ``node.archive.children``."""
-    from node.archive.db import open_index
+    with ``viewer`` keys also the computed ones, through the C-FIND SCP's own ``node.archive.children``.
+    The archive is opened by URL as the node opens it (SQLite or PostgreSQL)."""
+    from node.archive.db import release_connections
     from node.archive.find import find, inherited_tags
     from node.dicom.levels import Level
     from node.dicom.matching import parse_query
@@ -377,7 +588,7 @@ def direct_runner(db_path: Path, keys: str) -> tuple[Runner, Callable[[], None]]
     if keys == "viewer":
         from node.archive.children import computed
 
-    db = open_index(f"sqlite:///{db_path}")
+    db = open_archive(url, storage_dir).db
     db.connect(reuse_if_open=True)
     levels = {"PATIENT": Level.PATIENT, "STUDY": Level.STUDY, "SERIES": Level.SERIES, "IMAGE": Level.INSTANCE}
 
@@ -392,7 +603,7 @@ def direct_runner(db_path: Path, keys: str) -> tuple[Runner, Callable[[], None]]
             _answer = {k: tags.get(k, "") for k in wanted}
             yield
 
-    return run, db.close
+    return run, lambda: release_connections(db)
 
 
 def _free_port() -> int:
@@ -402,15 +613,15 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def running_node(db_path: Path, workdir: Path, scu_aet: str) -> Iterator[tuple[int, str]]:
-    """``python -m node serve`` on the cached index; yields (port, AE title) once it answers C-ECHO."""
+def running_node(url: str, workdir: Path, scu_aet: str) -> Iterator[tuple[int, str]]:
+    """``python -m node serve`` on the index at ``url``; yields (port, AE title) once it answers C-ECHO."""
     from pynetdicom import AE
 
     port = _free_port()
     aet = "QRBENCH"
     cfg = {
         "Name": "qr-bench", "DicomAet": aet, "DicomPort": port, "DicomListenAddress": "127.0.0.1",
-        "Database": f"sqlite:///{db_path}", "StorageDirectory": str(workdir / "storage"),
+        "Database": url, "StorageDirectory": str(workdir / "storage"),
         "IndexDirectory": str(workdir), "HttpServerEnabled": False, "DicomReceiverProcesses": 1,
         "DicomModalities": {"bench": {"AET": scu_aet, "Host": "127.0.0.1", "Port": 104, "AllowFind": True}},
     }  # fmt: skip
@@ -537,42 +748,81 @@ def report(title: str, timings: dict[str, Timing]) -> str:
     return "\n".join(lines)
 
 
+def measure_network(url: str, queries: list[Query], keys: str, warmup: int) -> dict[str, Timing]:
+    """The queries over one association to a node serving the index at ``url``, with its handler's times."""
+    scu_aet = "BENCHSCU"
+    with tempfile.TemporaryDirectory(prefix="qr-bench-node-") as tmp:
+        with running_node(url, Path(tmp), scu_aet) as (port, aet):
+            run, close = network_runner(port, aet, scu_aet, keys)
+            try:
+                timings = measure(run, queries, warmup)
+            finally:
+                close()
+        handler = _server_times(Path(tmp) / "node.log")  # one event per query, in order (the node stopped)
+    if len(handler) == len(queries):
+        seen: dict[str, int] = {}
+        for q, ms in zip(queries, handler, strict=True):
+            seen[q.kind] = seen.get(q.kind, 0) + 1
+            if seen[q.kind] > warmup:
+                timings[q.kind].handler_ms.append(ms)
+    else:
+        log(f"the node logged {len(handler)} C-FINDs for {len(queries)} queries: no handler times")
+    return timings
+
+
+def ratio_report(title: str, sqlite: dict[str, Timing], postgres: dict[str, Timing]) -> str:
+    """Per kind, PostgreSQL's p50 and p99 over SQLite's (above 1: PostgreSQL is slower)."""
+    lines = [f"### PostgreSQL / SQLite, {title}", "",
+             "| query kind | SQLite p50 ms | PostgreSQL p50 ms | p50 ratio | SQLite p99 ms | PostgreSQL p99 ms "
+             "| p99 ratio |", "|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for kind in KINDS:
+        if kind not in sqlite or kind not in postgres:
+            continue
+        cells = []
+        for p in (50, 99):
+            a, b = pct(sqlite[kind].ms, p), pct(postgres[kind].ms, p)
+            cells.append(f"{a:.1f} | {b:.1f} | {b / a:.2f}" if a else f"{a:.1f} | {b:.1f} | -")
+        lines.append(f"| {kind} | {' | '.join(cells)} |")
+    return "\n".join(lines)
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     shape = Shape(args.patients, args.studies, args.series, args.instances)
     db_path = Path(args.db)
-    ensure_index(db_path, shape, args.rebuild, args.commit_every)
+    built = ensure_index(db_path, shape, args.rebuild, args.commit_every)
     size = index_size(db_path)
     out = [f"index: {db_path}, {shape.total:,} instances ({shape.patients:,} patients x {shape.studies} studies x "
            f"{shape.series} series x {shape.instances}), {size / 1e6:,.0f} MB on disk (index.db + WAL)"]  # fmt: skip
+    targets = {"SQLite": f"sqlite:///{db_path}"}
+    if args.postgres:
+        t0 = time.perf_counter()
+        url = ensure_postgres(args.postgres, args.pg_db, db_path, shape.fingerprint(), args.rebuild_pg or built)
+        targets["PostgreSQL"] = url
+        out.append(f"PostgreSQL copy: database {args.pg_db}, {pg_size(url) / 1e6:,.0f} MB (pg_database_size); "
+                   f"ready in {time.perf_counter() - t0:,.0f} s")  # fmt: skip
     kinds = tuple(args.kinds.split(",")) if args.kinds else KINDS
     what = f"{args.reps} queries per kind, {args.keys} return keys"
+    results: dict[str, dict[str, dict[str, Timing]]] = {}  # mode title -> database -> kind -> timing
     if args.mode in ("direct", "both"):
         queries = draw_queries(db_path, kinds, args.reps + args.warmup, args.seed)
-        run, close = direct_runner(db_path, args.keys)
-        try:
-            out.append(report(f"find.py directly ({what})", measure(run, queries, args.warmup)))
-        finally:
-            close()
+        title = "find.py directly"
+        for name, url in targets.items():  # one database after the other, the same queries
+            log(f"{title} on {name}")
+            run, close = direct_runner(url, db_path.parent / "storage", args.keys)
+            try:
+                results.setdefault(title, {})[name] = timings = measure(run, queries, args.warmup)
+            finally:
+                close()
+            out.append(report(f"{title}, {name} ({what})", timings))
     if args.mode in ("network", "both"):
         queries = draw_queries(db_path, kinds, args.reps + args.warmup, args.seed + 1)
-        scu_aet = "BENCHSCU"
-        with tempfile.TemporaryDirectory(prefix="qr-bench-node-") as tmp:
-            with running_node(db_path, Path(tmp), scu_aet) as (port, aet):
-                run, close = network_runner(port, aet, scu_aet, args.keys)
-                try:
-                    timings = measure(run, queries, args.warmup)
-                finally:
-                    close()
-            handler = _server_times(Path(tmp) / "node.log")  # one event per query, in order (the node stopped)
-        if len(handler) == len(queries):
-            seen: dict[str, int] = {}
-            for q, ms in zip(queries, handler, strict=True):
-                seen[q.kind] = seen.get(q.kind, 0) + 1
-                if seen[q.kind] > args.warmup:
-                    timings[q.kind].handler_ms.append(ms)
-        else:
-            log(f"the node logged {len(handler)} C-FINDs for {len(queries)} queries: no handler times")
-        out.append(report(f"C-FIND over the network, one pynetdicom association ({what})", timings))
+        title = "C-FIND over the network, one pynetdicom association"
+        for name, url in targets.items():
+            log(f"{title} on {name}")
+            results.setdefault(title, {})[name] = timings = measure_network(url, queries, args.keys, args.warmup)
+            out.append(report(f"{title}, {name} ({what})", timings))
+    if "PostgreSQL" in targets:
+        out += [ratio_report(title, by_db["SQLite"], by_db["PostgreSQL"]) for title, by_db in results.items()]
     print("\n\n".join(out))
     return 0
 
@@ -638,6 +888,11 @@ def main(argv: list[str] | None = None) -> int:
     ingest.add_argument("--tmp", default="/dev/shm" if os.path.isdir("/dev/shm") else None)
     parser.add_argument("--db", default="/tmp/dicom-node-qr-bench/index.db", help="the cached index")
     parser.add_argument("--rebuild", action="store_true", help="build the index again even if cached")
+    parser.add_argument("--postgres", metavar="URL", default="",
+                        help="also measure a PostgreSQL copy of the index; URL: any database of the server, as a "
+                        "role that may CREATE DATABASE (e.g. the output of scripts/postgres.sh)")  # fmt: skip
+    parser.add_argument("--pg-db", default="dicomnode_qr_bench", help="the PostgreSQL database holding the copy")
+    parser.add_argument("--rebuild-pg", action="store_true", help="drop the PostgreSQL copy and copy it again")
     parser.add_argument("--patients", type=int, default=10_000)
     parser.add_argument("--studies", type=int, default=10, help="per patient")
     parser.add_argument("--series", type=int, default=10, help="per study")

@@ -29,6 +29,7 @@ import uuid as uuidlib
 from collections.abc import Callable, Iterable
 from concurrent.futures import Executor, Future
 from pathlib import Path
+from typing import Protocol
 
 SPOOL_SUFFIX = ".spool"
 
@@ -131,6 +132,34 @@ class _ClosedFile(io.FileIO):
         pass
 
 
+class Storage(Protocol):
+    """What the rest of dicom-node uses of a storage area: the interface another backend implements.
+
+    :class:`FileStorage` is the one implementation (a local or shared filesystem). ``docs/storage.md`` says how
+    an object store (S3-compatible) fits behind this: spooling stays local (``tmp``, ``new_spool``,
+    ``spool_path``, ``make_durable``, ``discard_spool``), ``publish`` uploads, ``locate`` gives a local file
+    (a read-through cache), ``delete`` removes the object. Nothing outside :mod:`node.archive.storage` builds a
+    storage path itself.
+    """
+
+    root: Path
+    tmp: Path
+    sync: bool
+
+    def new_spool(self) -> SpoolFile: ...
+    def spool_path(self, uuid: str) -> Path: ...
+    def make_durable(self, spool: SpoolFile) -> None: ...
+    def publish(self, uuid: str) -> Path: ...
+    def discard_spool(self, uuid: str) -> None: ...
+    def delete(self, uuid: str) -> None: ...
+    def locate(self, uuid: str) -> Path: ...
+    def slots(self, prefix: str) -> list[str]: ...
+    def recover(
+        self, indexed: Callable[[Iterable[str]], set[str]], slots: Iterable[str] | None = None
+    ) -> tuple[int, int]: ...
+    def disk_usage(self) -> shutil._ntuple_diskusage: ...  # type: ignore[name-defined]
+
+
 class FileStorage:
     """One storage area on a (possibly shared) filesystem.
 
@@ -180,7 +209,13 @@ class FileStorage:
     def publish(self, uuid: str) -> Path:
         """Step 3: move an indexed spool file to its final place (``FileNotFoundError``: no such spool)."""
         final = self.path(uuid)
-        os.rename(self.spool_path(uuid), final)
+        try:
+            os.rename(self.spool_path(uuid), final)
+        except FileNotFoundError:
+            if not self.spool_path(uuid).exists():
+                raise
+            final.parent.mkdir(parents=True, exist_ok=True)  # its folder was removed: recreate
+            os.rename(self.spool_path(uuid), final)
         return final
 
     def discard_spool(self, uuid: str) -> None:
@@ -188,8 +223,12 @@ class FileStorage:
             os.unlink(self.spool_path(uuid))
 
     def delete(self, uuid: str) -> None:
-        """Remove a file wherever it is: published, or still a spool of any receiver (a racing overwrite)."""
-        for p in (self.path(uuid), *(d / (uuid + SPOOL_SUFFIX) for d in self._spool_dirs())):
+        """Remove a file wherever it is: published, or still a spool of any receiver (a racing overwrite).
+
+        Spools first, then the final place: the owner publishes by an atomic rename, so whichever side of it the
+        file is on, it is found (final place first could miss a file renamed between the two unlinks).
+        """
+        for p in (*(d / (uuid + SPOOL_SUFFIX) for d in self._spool_dirs()), self.path(uuid)):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(p)
 

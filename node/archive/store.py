@@ -19,10 +19,10 @@ from typing import Literal
 
 from peewee import Database, IntegrityError, OperationalError
 
-from node.archive.db import is_transient, open_index, write_transaction
+from node.archive.db import is_postgres, is_transient, open_index, write_transaction
 from node.archive.models import Change, Garbage, Instance, Metadata, Outbox, Patient, Series, Study, utcnow
 from node.archive.outbox import enqueue
-from node.archive.storage import FileStorage, SpoolFile
+from node.archive.storage import FileStorage, SpoolFile, Storage
 from node.dicom.ids import ResourceIds, resource_ids
 from node.dicom.maintags import IndexTags
 from node.logs import get as get_logger
@@ -55,7 +55,7 @@ class Archive:
     """The storage area and its index, as every front end (SCP, REST, CLI) uses them."""
 
     db: Database
-    storage: FileStorage
+    storage: Storage
     overwrite: bool = False
     #: Parent rows this process stored recently: series public ID -> (series row id, study row id, last
     #: touch). Most instances belong to a series stored a moment ago, so the hot path skips the parent lookups;
@@ -191,7 +191,12 @@ def _index(archive: Archive, spool: SpoolFile, tags: IndexTags, ids: ResourceIds
     """The index transaction. Returns (status, replaced file uuid, file uuid the index now points to)."""
     db = archive.db
     with write_transaction(db):
-        row = db.execute_sql(_sql(db, 'SELECT id, file_uuid FROM "instance" WHERE public_id = ?'),
+        # PostgreSQL: the row stays locked until the commit, so a concurrent overwrite (another receiver, another
+        # node) waits and then replaces *our* copy, putting it in the garbage; without the lock, both updates
+        # would succeed and the copy between them would stay on disk with no row naming it. (SQLite's
+        # transaction holds the write lock from the start already.)
+        lock = " FOR UPDATE" if is_postgres(db) else ""
+        row = db.execute_sql(_sql(db, f'SELECT id, file_uuid FROM "instance" WHERE public_id = ?{lock}'),
                              (ids.instance,)).fetchone()  # fmt: skip
         if row is not None and not archive.overwrite:
             if archive.storage.locate(row[1]).exists():
@@ -362,13 +367,7 @@ def _after_commit(archive: Archive, uuid: str, old_uuid: str | None) -> Path:
     """
     storage = archive.storage
     try:
-        try:
-            path = storage.publish(uuid)
-        except FileNotFoundError:
-            if not storage.spool_path(uuid).exists():
-                raise
-            storage.path(uuid).parent.mkdir(parents=True, exist_ok=True)  # its folder was removed: recreate
-            path = storage.publish(uuid)
+        path = storage.publish(uuid)
     except FileNotFoundError:
         path = storage.locate(uuid)  # a racing overwrite already replaced (and deleted) this copy
         log.info("superseded before publication", file_uuid=uuid)
@@ -403,7 +402,8 @@ def delete_instance(
     db.connect(reuse_if_open=True)
     now = utcnow()
     with write_transaction(db):
-        inst = Instance.get_or_none(Instance.public_id == public_id)
+        query = Instance.select().where(Instance.public_id == public_id)
+        inst = (query.for_update() if is_postgres(db) else query).first()  # locked: see _index
         if inst is None or (file_uuid is not None and inst.file_uuid != file_uuid):
             return False  # gone, or replaced since the caller looked (``file_uuid``): not the copy it meant
         if unless_queued and Outbox.select().where((Outbox.instance == public_id) & (Outbox.state != "done")).exists():

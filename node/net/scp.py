@@ -46,7 +46,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
 from node import logs
-from node.archive.storage import FileStorage, SpoolFile, is_disk_error
+from node.archive.storage import SpoolFile, Storage, is_disk_error
 from node.archive.store import Archive, Origin, elapsed_ms, store
 from node.config import DEFAULTS, Config
 from node.dicom.maintags import MalformedDataset, read_index_tags
@@ -91,9 +91,9 @@ class _SpoolRegistry:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._by_path: dict[str, tuple[SpoolFile, threading.Thread]] = {}
-        self.storage: FileStorage | None = None
+        self.storage: Storage | None = None
 
-    def install(self, storage: FileStorage) -> None:
+    def install(self, storage: Storage) -> None:
         self.storage = storage
         _config.STORE_RECV_CHUNKED_DATASET = True
         pynetdicom.dimse_messages.NamedTemporaryFile = self._new  # type: ignore[attr-defined,assignment]
