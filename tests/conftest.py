@@ -79,7 +79,21 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def _drop_session_databases() -> Iterator[None]:
     yield
     for name in (*_SESSION, *_CREATED):
-        _pg_admin_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        _drop(name)
+
+
+def _drop(name: str) -> None:
+    """Drop a test database. ``WITH (FORCE)`` ends the node's connections, but not an autovacuum worker that
+    PostgreSQL started on it (our role may not signal it): those finish in a moment, so try again a while."""
+    import psycopg2
+
+    for _ in range(60):
+        try:
+            _pg_admin_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            return
+        except (psycopg2.errors.InsufficientPrivilege, psycopg2.errors.ObjectInUse):
+            time.sleep(0.25)
+    _pg_admin_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.fixture(autouse=True)
@@ -89,7 +103,7 @@ def _drop_test_databases() -> Iterator[None]:
     mark = len(_CREATED)
     yield
     while len(_CREATED) > mark:
-        _pg_admin_sql(f'DROP DATABASE IF EXISTS "{_CREATED.pop()}" WITH (FORCE)')
+        _drop(_CREATED.pop())
 
 
 @pytest.fixture

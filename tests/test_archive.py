@@ -199,3 +199,25 @@ def test_a_copy_whose_indexed_file_is_missing_replaces_it_instead_of_already_sto
     with archive.db.connection_context():
         assert Instance.select().count() == 1
         assert Instance.get().file_uuid == again.path.name
+
+
+def test_threads_that_end_without_closing_hand_their_connection_back(archive: Archive, tmp_path: Path) -> None:
+    """Each association thread keeps its connection open between C-STOREs and ends with the association; more
+    threads than the pool holds, one after the other, must not exhaust it (PostgreSQL's pool)."""
+    import threading
+
+    from node.archive import db as dbmod
+
+    def one(i: int) -> None:
+        put(archive, make_instance(tmp_path / f"t{i}.dcm", sop_uid=f"1.2.3.4.{i}"))  # connects, never closes
+
+    for i in range(dbmod.POOL_SIZE + 5):
+        t = threading.Thread(target=one, args=(i,))
+        t.start()
+        t.join(30)
+        assert not t.is_alive()
+    archive.db.connect(reuse_if_open=True)
+    with archive.db.connection_context():
+        assert Instance.select().count() == dbmod.POOL_SIZE + 5
+    in_use = getattr(archive.db, "_in_use", {})
+    assert len(in_use) <= 2, f"{len(in_use)} pooled connections still counted in use"

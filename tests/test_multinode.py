@@ -171,3 +171,30 @@ def test_a_node_killed_while_forwarding_leaves_its_rows_to_the_others(node_facto
         assert len({d.StudyInstanceUID for d in dest.datasets()}) == 1
     finally:
         dest.stop()
+
+
+def test_a_stable_study_fires_once_across_nodes(node_factory, tmp_path: Path) -> None:
+    """Every node's scheduler watches the same index: a study whose instances came through both nodes is
+    declared stable once (one StableStudy change, one delivery per instance)."""
+    dest = StoreSCP(tmp_path / "received").start()
+    try:
+        url, storage = new_database_url(tmp_path), tmp_path / "shared-storage"
+        rule = {**ANON, "Trigger": "StableStudy"}
+        nodes = start_nodes(node_factory, 2, storage, url, DicomModalities={"dest": dest.modality}, Routes=[rule],
+                            StableAge=2)  # fmt: skip
+        files = sample_study("Knee")
+        halves = [files[::2], files[1::2]]  # each node receives half of the study
+        with cf.ThreadPoolExecutor(2) as pool:
+            runs = [pool.submit(storescu, node, half) for node, half in zip(nodes, halves, strict=True)]
+            assert [len(successes(r.result().stdout + r.result().stderr)) for r in runs] == [len(h) for h in halves]
+        db = nodes[0]
+        wait_for(lambda: db.query("SELECT count(*) FROM outbox WHERE state = 'done'") == [(len(files),)], 60,
+                 "the stable study delivered", db)  # fmt: skip
+        time.sleep(3)  # a second firing, if any, would come within a StableAge
+        assert db.query("SELECT count(*) FROM change WHERE change_type = 'StableStudy'") == [(1,)]
+        assert db.query("SELECT count(*) FROM outbox") == [(len(files),)]
+        received = dest.datasets()
+        assert len(received) == len({d.SOPInstanceUID for d in received}) == len(files)
+        assert len({d.StudyInstanceUID for d in received}) == 1
+    finally:
+        dest.stop()

@@ -157,9 +157,26 @@ def _successor(prefix: str) -> str | None:
     return stripped[:-1] + chr(last)
 
 
+def code_point_order(db: Database) -> bool:
+    """Whether the index compares text by code point, as the matcher does: SQLite (BINARY collation), or a
+    PostgreSQL database created with the ``C`` collation (``C``, ``POSIX``, ``C.UTF-8``). Then a prefix is an
+    index range and a range predicate is exact (the ``sqlite`` flag below means this). Other collations (say
+    ``en_US.UTF-8``) order by language rules: prefixes are compared as substrings and ranges re-checked in
+    Python, correct but slower (``docs/deployment.md`` says to create the database with ``LC_COLLATE 'C'``)."""
+    if isinstance(db, SqliteDatabase):
+        return True
+    cached = getattr(db, "_dicom_node_code_point_order", None)
+    if cached is None:
+        row = db.execute_sql("SELECT datcollate FROM pg_database WHERE datname = current_database()").fetchone()
+        cached = row is not None and str(row[0]).split(".")[0] in ("C", "POSIX")
+        db._dicom_node_code_point_order = cached  # type: ignore[attr-defined]
+    return bool(cached)
+
+
 def _starts_with(column: Field, prefix: str, sqlite: bool) -> Expression:
-    """``column`` starts with ``prefix``, case-sensitively. On SQLite (BINARY collation: code point order) as
-    an index range; elsewhere (a PostgreSQL collation need not sort by code point) by comparing a substring."""
+    """``column`` starts with ``prefix``, case-sensitively. Where text sorts by code point (``sqlite``: see
+    :func:`code_point_order`) as an index range; elsewhere (a PostgreSQL collation need not sort by code point)
+    by comparing a substring."""
     if not sqlite:
         return fn.SUBSTR(column, 1, len(prefix)) == prefix
     cond: Expression = column >= prefix
@@ -333,17 +350,17 @@ def _candidates(
     time; with ``lower`` (constraints below ``level``, and none of ``upper`` in SQL) only the rows that the lower
     tables' indexes name (the module docstring says which way is taken when)."""
     model = MODELS[level]
-    sqlite = isinstance(db, SqliteDatabase)
+    sqlite, ordered = isinstance(db, SqliteDatabase), code_point_order(db)
     base = _select(level)
-    conditions = _conditions(upper, sqlite)
+    conditions = _conditions(upper, ordered)
     if conditions:
-        ids = _matching_ids(level, upper, conditions, sqlite)
-    elif lower and (below := _conditions(lower, sqlite)):
+        ids = _matching_ids(level, upper, conditions, ordered)
+    elif lower and (below := _conditions(lower, ordered)):
         ids = _ids_below(level, lower, below)
     else:
         yield from _keyset(base, level, upper, batch)
         return
-    recheck = not _all_exact(upper, sqlite)
+    recheck = not _all_exact(upper, ordered)
     for start in range(0, len(ids), batch):
         page = base.where(_id_in(model.id, ids[start : start + batch], sqlite)).order_by(model.id).objects()
         for row in page:
@@ -393,18 +410,18 @@ def _with_descendants(db: Database, level: Level, lower: dict[Level, list[Constr
     (one series and one of its instances together, as Orthanc's joins do). One query per page of rows."""
     deepest = max(lower)
     child = Level(level + 1)
-    sqlite = isinstance(db, SqliteDatabase)
-    if _all_exact(lower, sqlite):  # SQL decides alone: which ancestors, from the indexes (no main_tags read)
+    sqlite, ordered = isinstance(db, SqliteDatabase), code_point_order(db)
+    if _all_exact(lower, ordered):  # SQL decides alone: which ancestors, from the indexes (no main_tags read)
         fk = _PARENT_FK[child]
         exact = _join_up(MODELS[deepest].select(fk).distinct(), deepest, child)
-        return {r[0] for r in exact.where(_id_in(fk, ids, sqlite), *_conditions(lower, sqlite)).tuples()}
+        return {r[0] for r in exact.where(_id_in(fk, ids, sqlite), *_conditions(lower, ordered)).tuples()}
     fields: list[Field] = [_PARENT_FK[child]]
     levels = [lv for lv in lower if lv > level]
     for lv in levels:
         fields.append(MODELS[lv].main_tags)
         fields += list(_EXTRA_COLUMNS.get(lv, {}).values())
     query = _join_up(MODELS[deepest].select(*fields), deepest, child)
-    query = query.where(_id_in(_PARENT_FK[child], ids, sqlite), *_conditions(lower, sqlite))
+    query = query.where(_id_in(_PARENT_FK[child], ids, sqlite), *_conditions(lower, ordered))
     found: set[int] = set()
     for values in query.tuples().iterator():
         ancestor, rest = values[0], list(values[1:])
