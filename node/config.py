@@ -313,6 +313,13 @@ def build(
             if key in DEFAULTS:
                 _check_type(key, value, source)
                 values[key] = value
+            elif key == "PostgreSQL" and isinstance(value, dict) and value.get("EnableIndex"):
+                url = _orthanc_postgresql_url(value, source)
+                if not load_file(file).get("Database"):  # our own key, when both are given, wins
+                    values["Database"] = url
+                if value.get("EnableStorage"):
+                    warnings.append(f"{source}: PostgreSQL.EnableStorage (files in the database) is not supported; "
+                                    f"files go to StorageDirectory")  # fmt: skip
             elif key in ORTHANC_KNOWN:
                 warnings.append(f"{source}: key {key!r} is an Orthanc option dicom-node does not support yet; ignored")
             else:
@@ -332,6 +339,23 @@ def build(
         _check_type(key, value, f"command line ({flag_name(key)})")
         values[key] = value
     return _validate(values, source, base_dir, warnings)
+
+
+def _orthanc_postgresql_url(section: dict[str, Any], source: str) -> str:
+    """The ``Database`` URL of an Orthanc PostgreSQL plugin section (``"PostgreSQL": {"EnableIndex": true,
+    "Host", "Port", "Database", "Username", "Password"}`` or its ``ConnectionUri``): an Orthanc configuration
+    that keeps its index in PostgreSQL starts dicom-node on the same kind of index."""
+    from urllib.parse import quote
+
+    uri = section.get("ConnectionUri")
+    if uri:
+        if not isinstance(uri, str) or not uri.startswith(("postgresql://", "postgres://")):
+            raise ConfigError(f"{source}: PostgreSQL.ConnectionUri must be a postgresql:// URL, got {uri!r}")
+        return uri
+    user, password = str(section.get("Username", "")), str(section.get("Password", ""))
+    auth = quote(user, safe="") + (":" + quote(password, safe="") if password else "") + "@" if user else ""
+    host, port = str(section.get("Host", "localhost")), int(section.get("Port", 5432))
+    return f"postgresql://{auth}{host}:{port}/{quote(str(section.get('Database', 'orthanc')), safe='')}"
 
 
 def _validate(values: dict[str, Any], source: str, base_dir: Path, warnings: list[str]) -> Config:

@@ -51,6 +51,22 @@ def test_orthanc_keys_we_do_not_support_start_with_a_warning(tmp_path: Path) -> 
     assert cfg.storage_dir == tmp_path / "OrthancStorage"  # relative to the config file, as in Orthanc
 
 
+def test_orthancs_postgresql_plugin_section_selects_the_same_index(tmp_path: Path) -> None:
+    """An Orthanc configuration that keeps its index in PostgreSQL (the plugin's section) starts dicom-node on a
+    PostgreSQL index; our own ``Database`` wins when both are there; a disabled section is only a warning."""
+    section = {"EnableIndex": True, "EnableStorage": True, "Host": "db.example.org", "Port": 5433,
+               "Database": "pacs", "Username": "orthanc", "Password": "p@ss/word", "Lock": False}  # fmt: skip
+    cfg = config.build(write(tmp_path / "o.json", json.dumps({"PostgreSQL": section})), environ={})
+    assert cfg.database_url == "postgresql://orthanc:p%40ss%2Fword@db.example.org:5433/pacs" and cfg.shared
+    assert any("EnableStorage" in w for w in cfg.warnings)
+    uri = {"PostgreSQL": {"EnableIndex": True, "ConnectionUri": "postgresql://u@h/d"}}
+    assert config.build(write(tmp_path / "u.json", json.dumps(uri)), environ={}).database_url == "postgresql://u@h/d"
+    both = {"PostgreSQL": section, "Database": "sqlite:///x/index.db"}
+    assert config.build(write(tmp_path / "b.json", json.dumps(both)), environ={}).database_url == "sqlite:///x/index.db"
+    off = config.build(write(tmp_path / "f.json", json.dumps({"PostgreSQL": {"EnableIndex": False}})), environ={})
+    assert off.database_url.startswith("sqlite:///") and not off.shared
+
+
 def test_environment_and_flags_override_the_file(tmp_path: Path) -> None:
     f = write(tmp_path / "c.json", '{"DicomPort": 104, "DicomAet": "A"}')
     cfg = config.build(f, {"DicomAet": "FROMFLAG"}, environ={"DICOM_NODE_DICOM_PORT": "11112"})
