@@ -198,3 +198,36 @@ def test_a_stable_study_fires_once_across_nodes(node_factory, tmp_path: Path) ->
         assert len({d.StudyInstanceUID for d in received}) == 1
     finally:
         dest.stop()
+
+
+def test_a_database_restart_costs_no_instance(node_factory, tmp_path: Path) -> None:
+    """PostgreSQL ends every connection of the node (as a restart or failover does) in the middle of an
+    association: the next C-STOREs on that association succeed on a new connection, and the routing worker
+    reconnects and delivers everything."""
+    from pynetdicom import AE
+
+    dest = StoreSCP(tmp_path / "received").start()
+    try:
+        url = new_database_url(tmp_path)
+        node = start_nodes(node_factory, 1, tmp_path / "storage", url, DicomModalities={"dest": dest.modality},
+                           Routes=[{"Name": "fwd", "Forward": ["dest"]}])[0]  # fmt: skip
+        files = [make_instance(tmp_path / f"{i}.dcm", patient_id="CUT", study_uid="1.2.11", series_uid="1.2.11.1",
+                               InstanceNumber=i) for i in range(6)]  # fmt: skip
+        datasets = [pydicom.dcmread(f) for f in files]
+        ae = AE(ae_title="CUTTER")
+        ae.add_requested_context(datasets[0].SOPClassUID, datasets[0].file_meta.TransferSyntaxUID)
+        assoc = ae.associate("127.0.0.1", node.port, ae_title=node.aet)
+        assert assoc.is_established
+        try:
+            statuses = [assoc.send_c_store(ds).Status for ds in datasets[:3]]
+            cut = node.query("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                             "WHERE datname = current_database() AND pid <> pg_backend_pid()")  # fmt: skip
+            assert cut[0][0] >= 1
+            statuses += [assoc.send_c_store(ds).Status for ds in datasets[3:]]
+        finally:
+            assoc.release()
+        assert statuses == [0] * 6, [hex(s) for s in statuses]
+        assert node.query('SELECT count(*) FROM "instance"') == [(6,)]
+        wait_for(lambda: len(dest.files()) == 6, 60, "every instance forwarded after the cut", node)
+    finally:
+        dest.stop()

@@ -105,6 +105,25 @@ def connect(url: str) -> Database:
     return db
 
 
+def reset_if_broken(db: Database) -> bool:
+    """After a database error: drop this thread's connection if the server closed it (a PostgreSQL restart or
+    failover), so that the next query opens a new one. Threads that keep their connection open (receivers,
+    routing workers) would otherwise fail on the dead one until they end. Returns whether one was dropped."""
+    if not isinstance(db, PostgresqlDatabase) or db.is_closed():
+        return False
+    try:
+        broken = bool(db.connection().closed)
+    except Exception:  # noqa: BLE001 - cannot even look at it: drop it
+        broken = True
+    if broken:
+        with contextlib.suppress(Exception):
+            if isinstance(db, PooledPostgresqlDatabase):
+                db.manual_close()  # not back into the pool
+            else:
+                db.close()
+    return broken
+
+
 def release_connections(db: Database) -> None:
     """Close every connection of this process' pool (before ``fork``: a child must not share a server socket)."""
     if isinstance(db, PooledPostgresqlDatabase):

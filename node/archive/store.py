@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from peewee import Database, IntegrityError, OperationalError
+from peewee import Database, IntegrityError, InterfaceError, OperationalError
 
-from node.archive.db import is_postgres, is_transient, open_index, write_transaction
+from node.archive.db import is_postgres, is_transient, open_index, reset_if_broken, write_transaction
 from node.archive.models import Change, Garbage, Instance, Metadata, Outbox, Patient, Series, Study, utcnow
 from node.archive.outbox import enqueue
 from node.archive.storage import FileStorage, SpoolFile, Storage
@@ -198,6 +198,9 @@ def _index(archive: Archive, spool: SpoolFile, tags: IndexTags, ids: ResourceIds
         lock = " FOR UPDATE" if is_postgres(db) else ""
         row = db.execute_sql(_sql(db, f'SELECT id, file_uuid FROM "instance" WHERE public_id = ?{lock}'),
                              (ids.instance,)).fetchone()  # fmt: skip
+        if row is not None and row[1] == spool.uuid:
+            # Our own commit, whose acknowledgement the connection lost before a retry: it is stored.
+            return "Success", None, spool.uuid
         if row is not None and not archive.overwrite:
             if archive.storage.locate(row[1]).exists():
                 return "AlreadyStored", None, row[1]
@@ -277,17 +280,20 @@ def store(
                 status, old_uuid, uuid = _index(archive, spool, tags, ids, origin, now, attempt == 0, deliveries,
                                                 metadata)  # fmt: skip
                 break
-            except (IntegrityError, _StaleCache, OperationalError) as exc:
+            except (IntegrityError, _StaleCache, OperationalError, InterfaceError) as exc:
                 # A parent changed under our cache, or another receiver (of this node or another one) inserted
                 # the same patient, study, series or instance first: the unique keys refused ours, and the next
-                # attempt finds theirs. PostgreSQL may also pick our transaction as a deadlock's victim.
+                # attempt finds theirs. PostgreSQL may also pick our transaction as a deadlock's victim, or the
+                # server may have closed this thread's connection (a restart): the next attempt reconnects.
                 attempt += 1
-                if attempt >= _MAX_ATTEMPTS or (isinstance(exc, OperationalError) and not is_transient(exc)):
+                retry = not isinstance(exc, OperationalError | InterfaceError) or is_transient(exc)
+                if attempt >= _MAX_ATTEMPTS or not (retry or reset_if_broken(archive.db)):
                     raise
                 archive.series_cache.pop(ids.series, None)
                 time.sleep(random.uniform(0, 0.01 * attempt))
     except BaseException:
         storage.discard_spool(spool.uuid)
+        reset_if_broken(archive.db)
         raise
     spool.committed = status == "Success"
     if status == "AlreadyStored":

@@ -29,6 +29,7 @@ from pynetdicom import evt
 
 from node import logs
 from node.archive import children
+from node.archive.db import reset_if_broken
 from node.archive.find import find, inherited_tags
 from node.archive.store import Archive, elapsed_ms
 from node.dicom.errors import RequestError
@@ -134,6 +135,7 @@ def handle_find(scp: StoreSCP, event: evt.Event) -> Iterator[Response]:
     except PeeweeException as exc:
         outcome = "index failure"
         log.error("index failure during C-FIND", error=str(exc), **peer)
+        reset_if_broken(scp.archive.db)
         yield failure(OUT_OF_RESOURCES, "the index is busy or failed; try again"), None
     except Exception as exc:  # a bug costs this query, not the association
         outcome = "error"

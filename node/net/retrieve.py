@@ -48,6 +48,7 @@ from pynetdicom.association import Association
 from pynetdicom.presentation import StoragePresentationContexts
 
 from node import logs
+from node.archive.db import reset_if_broken
 from node.archive.models import Instance, Patient, Series, Study
 from node.config import Modality
 from node.dicom.levels import Level
@@ -327,6 +328,7 @@ def _prepare(scp: StoreSCP, event: evt.Event, service: str) -> tuple[Selection, 
         matches = select(selection)
     except PeeweeException as exc:
         log.error("index failure", service=service, error=str(exc))
+        reset_if_broken(scp.archive.db)
         raise RetrieveRefused(OUT_OF_RESOURCES_MATCHES, "database failure") from None
     return selection, [m if m.sop_class and m.transfer_syntax else _from_header(scp, m) for m in matches]
 

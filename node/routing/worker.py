@@ -25,6 +25,7 @@ from pydicom.errors import InvalidDicomError
 
 from node import logs
 from node.archive import modalities, outbox
+from node.archive.db import reset_if_broken
 from node.archive.models import Instance, utcnow
 from node.archive.store import Archive, Origin, delete_instance, store
 from node.config import Config, Modality
@@ -331,6 +332,7 @@ def run(cfg: Config, archive: Archive, stop: Stop, slot: str, scheduler: bool) -
                 busy = worker.step()
             except Exception as exc:
                 log.exception("routing worker error", error=str(exc))
+                reset_if_broken(archive.db)  # a database restart: the next step reconnects
                 worker.close()
                 busy = False
                 stop.wait(1.0)
@@ -352,6 +354,7 @@ def housekeeping(cfg: Config, archive: Archive) -> None:
             step()
         except Exception as exc:
             log.exception("routing scheduler error", step=what, error=str(exc))
+            reset_if_broken(archive.db)
 
 
 def _reclaim(archive: Archive) -> None:
