@@ -184,8 +184,11 @@ def test_a_stable_study_fires_once_across_nodes(node_factory, tmp_path: Path) ->
                             StableAge=2)  # fmt: skip
         files = sample_study("Knee")
         halves = [files[::2], files[1::2]]  # each node receives half of the study
+        profile = storescu_profile(files, tmp_path / "profile.cfg")  # Knee is JPEG 2000: propose its syntax
         with cf.ThreadPoolExecutor(2) as pool:
-            runs = [pool.submit(storescu, node, half) for node, half in zip(nodes, halves, strict=True)]
+            runs = [
+                pool.submit(storescu, node, half, profile=profile) for node, half in zip(nodes, halves, strict=True)
+            ]
             assert [len(successes(r.result().stdout + r.result().stderr)) for r in runs] == [len(h) for h in halves]
         db = nodes[0]
         wait_for(lambda: db.query("SELECT count(*) FROM outbox WHERE state = 'done'") == [(len(files),)], 60,
