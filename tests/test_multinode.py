@@ -234,3 +234,38 @@ def test_a_database_restart_costs_no_instance(node_factory, tmp_path: Path) -> N
         wait_for(lambda: len(dest.files()) == 6, 60, "every instance forwarded after the cut", node)
     finally:
         dest.stop()
+
+
+def test_a_deadlock_is_a_race_to_retry(db_url: str) -> None:
+    """PostgreSQL's deadlock victim is retried by the store path: the error peewee raises must be recognised
+    as transient (peewee 4 keeps only the message, the driver's exception is the context)."""
+    import threading
+
+    from node.archive.db import connect, is_transient
+
+    setup = connect(db_url)
+    setup.execute_sql("CREATE TABLE race (id int PRIMARY KEY, v int)")
+    setup.execute_sql("INSERT INTO race VALUES (1, 0), (2, 0)")
+    setup.close()
+    errors: list[Exception] = []
+    barrier = threading.Barrier(2)
+
+    def cross(first: int, second: int) -> None:
+        db = connect(db_url)
+        try:
+            with db.atomic():
+                db.execute_sql("UPDATE race SET v = v + 1 WHERE id = %s", (first,))
+                barrier.wait(10)
+                db.execute_sql("UPDATE race SET v = v + 1 WHERE id = %s", (second,))
+        except Exception as exc:  # noqa: BLE001 - the deadlock's victim
+            errors.append(exc)
+        finally:
+            db.close()
+
+    threads = [threading.Thread(target=cross, args=args) for args in ((1, 2), (2, 1))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert len(errors) == 1 and is_transient(errors[0]), errors
+    assert not is_transient(ValueError("deadlock detected"))

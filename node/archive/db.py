@@ -246,9 +246,11 @@ _TRANSIENT = frozenset({"40P01", "40001", "55P03"})
 def is_transient(exc: BaseException) -> bool:
     """A database error that a retry of the whole transaction cures (another node's transaction won a race).
 
-    peewee wraps the driver's exception and keeps it as the first argument (and as ``__cause__``).
+    peewee wraps the driver's exception: depending on its version and the path, the driver's exception is the
+    first argument, the ``__cause__`` or (peewee 4's PostgreSQL path, which keeps only the message) the
+    ``__context__``.
     """
-    for candidate in (exc, exc.__cause__, *(exc.args[:1] if exc.args else ())):
+    for candidate in (exc, exc.__cause__, exc.__context__, *(exc.args[:1] if exc.args else ())):
         if getattr(candidate, "pgcode", None) in _TRANSIENT:
             return True
     return False

@@ -145,16 +145,18 @@ def _parents(
     if cached is not None:
         series_id, study_id, touched = cached
         if mono - touched >= _TOUCH_EVERY_S:
+            # Rows are locked top-down on every path (patient, study, series, instance): concurrent receivers
+            # of several nodes then queue instead of deadlocking (PostgreSQL).
             touch = "SET last_update = ?, stable_pending = ? WHERE id = ?"
-            db.execute_sql(_sql(db, f'UPDATE "series" {touch}'), (now, True, series_id))
             db.execute_sql(_sql(db, f'UPDATE "study" {touch}'), (now, True, study_id))
+            db.execute_sql(_sql(db, f'UPDATE "series" {touch}'), (now, True, series_id))
             cache[ids.series] = (series_id, study_id, mono)
         return series_id, []
     changes: list[tuple[str, str, str]] = []
     series = Series.get_or_none(Series.public_id == ids.series)
     if series is not None:
-        Series.update(last_update=now, stable_pending=True).where(Series.id == series.id).execute()
         Study.update(last_update=now, stable_pending=True).where(Study.id == series.study_id).execute()
+        Series.update(last_update=now, stable_pending=True).where(Series.id == series.id).execute()
         series_id, study_id = series.id, series.study_id
     else:
         study = Study.get_or_none(Study.public_id == ids.study)
