@@ -166,7 +166,9 @@ class Config:
     @property
     def spool_prefix(self) -> str:
         """What starts the names of this node's spool folders on a shared storage ("" for one node alone)."""
-        return re.sub(r"[^A-Za-z0-9_.@-]", "_", self.node_id)[:80] + "." if self.shared else ""
+        # No dot inside the node's part: the dot ends it, so that no node's prefix starts another's
+        # ("X@pacs." and "X@pacs_lan.").
+        return re.sub(r"[^A-Za-z0-9_@-]", "_", self.node_id)[:80] + "." if self.shared else ""
 
     def spool_slot(self, slot: str) -> str:
         """The spool folder (``.tmp/<name>``) of one process of this node: its slot, prefixed on a shared storage

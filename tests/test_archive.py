@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pydicom
@@ -221,3 +222,43 @@ def test_threads_that_end_without_closing_hand_their_connection_back(archive: Ar
         assert Instance.select().count() == dbmod.POOL_SIZE + 5
     in_use = getattr(archive.db, "_in_use", {})
     assert len(in_use) <= 2, f"{len(in_use)} pooled connections still counted in use"
+
+
+def test_deleting_the_last_instance_of_a_series_never_takes_a_new_one_along(
+    archive: Archive, tmp_path: Path, db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A delete finds the series empty and is about to remove it (ON DELETE CASCADE) while another receiver
+    process stores a new instance into that series: the acknowledged instance must survive (PostgreSQL: the
+    parents are locked before the emptiness check; SQLite: the write lock serialises the two)."""
+    import threading
+
+    from node.archive import store as store_mod
+
+    old = put(archive, make_instance(tmp_path / "old.dcm", study_uid="1.7", series_uid="1.7.1", sop_uid="1.7.1.1"))
+    paused, go = threading.Event(), threading.Event()
+    real_delete = Series.delete_instance
+
+    def slow_delete(self: Series, *args: object, **kwargs: object) -> object:
+        paused.set()  # the series was found empty: the window a concurrent insert must not slip into
+        go.wait(10)
+        return real_delete(self, *args, **kwargs)
+
+    monkeypatch.setattr(Series, "delete_instance", slow_delete)
+    deleter = threading.Thread(target=lambda: store_mod.delete_instance(archive, old.ids.instance))
+    deleter.start()
+    assert paused.wait(10)
+    new_file = make_instance(tmp_path / "new.dcm", study_uid="1.7", series_uid="1.7.1", sop_uid="1.7.1.2")
+    other_process = (
+        "import sys; sys.path.insert(0, 'tests'); from pathlib import Path; from test_archive import put;"
+        f"from node.archive.store import open_archive; storage = Path({str(tmp_path / 'storage')!r});"
+        f"r = put(open_archive({db_url!r}, storage), Path({str(new_file)!r})); print(r.status)"
+    )
+    receiver = subprocess.Popen([sys.executable, "-c", other_process], cwd=Path(__file__).parents[1],
+                                stdout=subprocess.PIPE, text=True)  # fmt: skip
+    time.sleep(2.0)  # the receiver commits now unless the delete's locks hold it back
+    go.set()
+    deleter.join(30)
+    out, _ = receiver.communicate(timeout=60)
+    assert receiver.returncode == 0 and out.strip() == "Success", out
+    rows = sql_rows(db_url, 'SELECT sop_uid FROM "instance"')
+    assert rows == [("1.7.1.2",)], "the acknowledged instance was deleted with the emptied series"

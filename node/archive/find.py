@@ -167,8 +167,11 @@ def code_point_order(db: Database) -> bool:
         return True
     cached = getattr(db, "_dicom_node_code_point_order", None)
     if cached is None:
-        row = db.execute_sql("SELECT datcollate FROM pg_database WHERE datname = current_database()").fetchone()
-        cached = row is not None and str(row[0]).split(".")[0] in ("C", "POSIX")
+        # PostgreSQL 15+ may take the collation from ICU (datlocprovider 'i'), whose rules ignore datcollate.
+        (version,) = db.execute_sql("SELECT current_setting('server_version_num')::int").fetchone()
+        icu = "datlocprovider <> 'c'" if version >= 150000 else "FALSE"
+        row = db.execute_sql(f"SELECT datcollate, {icu} FROM pg_database WHERE datname = current_database()").fetchone()
+        cached = row is not None and not row[1] and str(row[0]).split(".")[0] in ("C", "POSIX")
         db._dicom_node_code_point_order = cached  # type: ignore[attr-defined]
     return bool(cached)
 

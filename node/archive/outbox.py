@@ -219,8 +219,14 @@ def mark_done(db: Database, deliveries: Sequence[Delivery], status: int | None =
         still_mine = Outbox.id.in_(ids) & (Outbox.state == CLAIMED) & (Outbox.claim == deliveries[0].claim)
         mine = [i for (i,) in Outbox.select(Outbox.id).where(still_mine).tuples()]
         if mine:
-            Outbox.update(state=DONE, attempts=Outbox.attempts + 1, lease_until=None, claim="", last_status=status,
-                          last_error=note, updated_at=now).where(Outbox.id.in_(mine)).execute()  # fmt: skip
+            # The conditions again in the UPDATE: on PostgreSQL a row queued again (enqueue) between the SELECT
+            # and this UPDATE is re-checked here and stays pending, so its newer copy is still sent.
+            done = Outbox.update(state=DONE, attempts=Outbox.attempts + 1, lease_until=None, claim="",
+                                 last_status=status, last_error=note, updated_at=now).where(still_mine)  # fmt: skip
+            if is_postgres(db):
+                mine = [r.id for r in done.returning(Outbox.id).execute()]
+            else:
+                done.execute()  # (SQLite: the write transaction holds the database since the SELECT)
     return mine
 
 

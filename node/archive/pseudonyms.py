@@ -141,7 +141,7 @@ class DatabaseUidMap:
     def flush(self) -> None:
         """Record the new pairs (one transaction); a pair recorded meanwhile by another process is the same."""
         with self._lock:
-            pending, self._pending = self._pending, []
+            pending, self._pending = sorted(self._pending), []  # one key order in every process: no deadlock
         if not pending:
             return
         now = utcnow()

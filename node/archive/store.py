@@ -293,9 +293,13 @@ def store(
                     raise
                 archive.series_cache.pop(ids.series, None)
                 time.sleep(random.uniform(0, 0.01 * attempt))
-    except BaseException:
-        storage.discard_spool(spool.uuid)
-        reset_if_broken(archive.db)
+    except BaseException as exc:
+        # A connection lost during the commit leaves its outcome unknown: the index may name this spool file.
+        # It stays for recovery, which publishes it if indexed and deletes it if not; the sender hears a
+        # failure and sends again (AlreadyStored then, or a second copy that the index decides between).
+        lost = reset_if_broken(archive.db) or isinstance(exc, InterfaceError)
+        if not lost:
+            storage.discard_spool(spool.uuid)
         raise
     spool.committed = status == "Success"
     if status == "AlreadyStored":
@@ -417,6 +421,17 @@ def delete_instance(
         if unless_queued and Outbox.select().where((Outbox.instance == public_id) & (Outbox.state != "done")).exists():
             return False
         uuid = inst.file_uuid
+        if is_postgres(db):
+            # Lock the parents top-down (as the store path touches them) before looking for siblings: a receiver
+            # inserting into this series meanwhile holds a key-share lock on it, so either its instance is seen
+            # below and the series kept, or its insert waits and, once the series is gone, fails and is retried
+            # (store()). Without the locks the series' ON DELETE CASCADE took that acknowledged instance along.
+            parents = (Series.select(Series.id, Study.id.alias("study_id"), Study.patient.alias("patient_id"))
+                       .join(Study).where(Series.id == inst.series_id).dicts().first())  # fmt: skip
+            if parents is not None:
+                Patient.select(Patient.id).where(Patient.id == parents["patient_id"]).for_update().execute()
+                Study.select(Study.id).where(Study.id == parents["study_id"]).for_update().execute()
+                Series.select(Series.id).where(Series.id == inst.series_id).for_update().execute()
         Garbage.insert(file_uuid=uuid).on_conflict_ignore().execute()
         series = Series.get_by_id(inst.series_id)
         inst.delete_instance()
