@@ -32,12 +32,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from peewee import InterfaceError
 from pydicom import config as pydicom_config
 from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import DataElement
 from pydicom.uid import generate_uid
 
-from node.archive.db import write_transaction
+from node.archive.db import reset_if_broken, write_transaction
 from node.archive.models import Patient, Series, Study
 from node.archive.storage import SPOOL_SUFFIX
 from node.archive.store import Archive, Entry, Origin, StoreBatchError, StoreResult, delete_instance, store_many
@@ -386,8 +387,12 @@ def _store(
         results = store_many(archive, entries)
     except BaseException as exc:
         stored = exc.stored if isinstance(exc, StoreBatchError) else []
+        cause = exc.cause if isinstance(exc, StoreBatchError) else exc
+        # A connection lost during the commit leaves its outcome unknown: the index may name these spool files,
+        # so they stay for recovery (published if indexed, deleted if not), as in store().
+        lost = reset_if_broken(archive.db) or isinstance(cause, InterfaceError)
         for e in entries:
-            if not e.spool.committed:
+            if not e.spool.committed and not lost:
                 archive.storage.discard_spool(e.spool.uuid)
         if stored:
             raise _PartlyStored([_stored(w, r) for w, r in zip(batch, stored, strict=False)], exc) from exc
