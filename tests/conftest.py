@@ -153,6 +153,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_listening(port: int, what: str, timeout: float = 10) -> None:
+    """Wait until something accepts connections on 127.0.0.1:``port`` (a peer we started, say storescp)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        assert time.monotonic() < deadline, f"{what} did not start listening on {port}"
+        time.sleep(0.05)
+
+
 def sample_files() -> list[Path]:
     """Every file under the shared samples folder (some are not DICOM on purpose)."""
     if not SAMPLES.is_dir():

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import pydicom
 import pytest
-from conftest import SAMPLES, Node, dcmtk, dcmtk_env, free_port, make_instance, storescu_profile
+from conftest import SAMPLES, Node, dcmtk, dcmtk_env, free_port, make_instance, storescu_profile, wait_listening
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, AllStoragePresentationContexts, evt
@@ -53,7 +53,7 @@ class StoreSCP:
         self.proc = subprocess.Popen([dcmtk("storescp"), "-aet", self.aet, "+xa", "+uf", "-od", str(self.folder),
                                       str(self.port)], env=dcmtk_env(), stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL)  # fmt: skip
-        time.sleep(0.3)
+        wait_listening(self.port, "storescp")  # (a fixed sleep here lost associations on a loaded machine)
         return self
 
     def stop(self) -> None:

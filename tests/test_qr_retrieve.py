@@ -11,7 +11,6 @@ small pynetdicom storage SCPs whose answers each test sets.
 from __future__ import annotations
 
 import re
-import socket
 import subprocess
 import threading
 import time
@@ -35,6 +34,7 @@ from conftest import (
     make_instance,
     run,
     storescu_profile,
+    wait_listening,
 )
 from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate
@@ -74,10 +74,7 @@ class DcmtkStoreSCP:
         self.proc = subprocess.Popen([dcmtk("storescp"), "-aet", self.aet, "+xa", "+B", "+uf", "-od", str(folder),
                                       str(self.port)], env=dcmtk_env(), stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL)  # fmt: skip
-        deadline = time.monotonic() + 10
-        while not _listening(self.port):
-            assert time.monotonic() < deadline, "storescp did not start"
-            time.sleep(0.05)
+        wait_listening(self.port, "storescp")
         return self
 
     def stop(self) -> None:
@@ -89,11 +86,6 @@ class DcmtkStoreSCP:
     def received(self) -> dict[str, Path]:
         assert self.folder is not None
         return {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID): p for p in self.folder.iterdir()}
-
-
-def _listening(port: int) -> bool:
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) == 0
 
 
 @dataclass
