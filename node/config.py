@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import hashlib
 import json
 import os
 import re
@@ -166,9 +167,15 @@ class Config:
     @property
     def spool_prefix(self) -> str:
         """What starts the names of this node's spool folders on a shared storage ("" for one node alone)."""
-        # No dot inside the node's part: the dot ends it, so that no node's prefix starts another's
-        # ("X@pacs." and "X@pacs_lan.").
-        return re.sub(r"[^A-Za-z0-9_@-]", "_", self.node_id)[:80] + "." if self.shared else ""
+        if not self.shared:
+            return ""
+        # Escaped, not replaced, so that two node IDs never share a prefix ("X@pacs.lan" and "X@pacs_lan"); no
+        # dot inside the node's part: the dot ends it, so that no prefix starts another ("n1." and "n10.").
+        keep = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789@-_")
+        safe = "".join(chr(b) if b in keep else f"%{b:02X}" for b in self.node_id.encode("utf-8"))
+        if len(safe) > 80:  # a folder name stays short; the digest keeps long IDs apart
+            safe = safe[:60] + "%" + hashlib.sha256(self.node_id.encode("utf-8")).hexdigest()[:16]
+        return safe + "."
 
     def spool_slot(self, slot: str) -> str:
         """The spool folder (``.tmp/<name>``) of one process of this node: its slot, prefixed on a shared storage

@@ -67,6 +67,19 @@ def test_orthancs_postgresql_plugin_section_selects_the_same_index(tmp_path: Pat
     assert off.database_url.startswith("sqlite:///") and not off.shared
 
 
+def test_spool_prefixes_of_nodes_sharing_a_storage_never_overlap(tmp_path: Path) -> None:
+    """A node recovers the spool folders that start with its prefix: no node's prefix may start another's."""
+    ids = ["X@pacs", "X@pacs.lan", "X@pacs_lan", "X@pacs%2Elan", "n1", "n10", "a/b..c", "é" * 50, "é" * 51]
+    prefixes = [config.build(None, {"Database": "postgresql://u@h/d", "NodeId": i}, environ={}).spool_prefix
+                for i in ids]  # fmt: skip
+    assert len(set(prefixes)) == len(ids)
+    for a in prefixes:
+        assert a.count(".") == 1 and a.endswith(".")
+        assert not [b for b in prefixes if b != a and b.startswith(a)], a
+    sqlite = config.build(None, {"NodeId": "n1", "IndexDirectory": str(tmp_path)}, environ={})
+    assert sqlite.spool_prefix == "" and sqlite.spool_slot("0") == "0"  # one node owns an SQLite storage
+
+
 def test_environment_and_flags_override_the_file(tmp_path: Path) -> None:
     f = write(tmp_path / "c.json", '{"DicomPort": 104, "DicomAet": "A"}')
     cfg = config.build(f, {"DicomAet": "FROMFLAG"}, environ={"DICOM_NODE_DICOM_PORT": "11112"})

@@ -269,3 +269,28 @@ def test_a_deadlock_is_a_race_to_retry(db_url: str) -> None:
         t.join(30)
     assert len(errors) == 1 and is_transient(errors[0]), errors
     assert not is_transient(ValueError("deadlock detected"))
+
+
+def test_only_a_code_point_collation_lets_sql_decide_ranges(tmp_path: Path) -> None:
+    """find.py trusts index ranges only where text sorts by code point: a ``C`` database, not an ICU one
+    (PostgreSQL 15+ reports ``datcollate`` 'C' for ICU databases too)."""
+    from conftest import PG_ADMIN, _drop, _pg_admin_sql
+
+    from node.archive.db import connect
+    from node.archive.find import code_point_order
+
+    base = PG_ADMIN.rsplit("/", 1)[0]
+    cases = {"dn_collate_c": "LC_COLLATE 'C' LC_CTYPE 'C'",
+             "dn_collate_icu": "LOCALE_PROVIDER icu ICU_LOCALE 'en-US' LC_COLLATE 'C' LC_CTYPE 'C'"}  # fmt: skip
+    try:
+        seen = {}
+        for name, options in cases.items():
+            _pg_admin_sql(f'DROP DATABASE IF EXISTS "{name}"')
+            _pg_admin_sql(f'CREATE DATABASE "{name}" TEMPLATE template0 {options}')
+            db = connect(f"{base}/{name}")
+            seen[name] = code_point_order(db)
+            db.close_all()
+        assert seen == {"dn_collate_c": True, "dn_collate_icu": False}
+    finally:
+        for name in cases:
+            _drop(name)
