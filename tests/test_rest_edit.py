@@ -56,3 +56,39 @@ def test_bad_requests_are_400_naming_the_problem_and_unknown_instances_404(rest_
     r = rest_client.post(f"/instances/{stored}/modify", json={"Replace": {"NoSuchTag": "x"}})
     assert r.status_code == 400 and "NoSuchTag" in r.json()["Details"] and r.json()["OrthancStatus"] == 27
     assert rest_client.post("/instances/nope/anonymize", json={}).status_code == 404
+
+
+def test_the_edit_routes_are_behind_authentication(rest_archive: Archive, tmp_path: Path, stored: str) -> None:
+    """The edit routes have their own ASGI front (edit.EditFront); authentication must still come first."""
+    from node import config
+    from node.rest.app import create_app
+
+    cfg = config.build(None, {"StorageDirectory": str(tmp_path / "storage"), "IndexDirectory": str(tmp_path),
+                              "AuthenticationEnabled": True, "RegisteredUsers": {"alice": "s3cret"}})  # fmt: skip
+    client = TestClient(create_app(cfg, rest_archive))
+    for route in ("anonymize", "modify"):
+        r = client.post(f"/instances/{stored}/{route}", json={})
+        assert r.status_code == 401 and r.json()["HttpStatus"] == 401
+    assert dicom(client.post(f"/instances/{stored}/anonymize", json={}, auth=("alice", "s3cret"))).PatientID != "P5"
+
+
+def test_an_oversized_body_is_refused_and_other_methods_go_to_fastapi(rest_client: TestClient, stored: str) -> None:
+    from node.rest.edit import MAX_BODY
+
+    r = rest_client.post(f"/instances/{stored}/anonymize", content=b" " * (MAX_BODY + 10))
+    assert r.status_code == 413 and "over" in r.json()["Details"]
+    assert rest_client.get(f"/instances/{stored}/anonymize").status_code == 405  # FastAPI's answer, not the front's
+
+
+def test_files_the_fast_path_declines_go_to_the_general_engine(rest_client: TestClient, rest_archive: Archive,
+                                                               tmp_path: Path) -> None:  # fmt: skip
+    syntax = "1.2.840.10008.1.2"  # implicit VR: fastanon.py leaves it to the general engine
+    path = make_instance(tmp_path / "i.dcm", patient_id="P6", study_uid="1.6", series_uid="1.6.1", sop_uid="1.6.1.1",
+                         PatientName="Doe^John", InstitutionName="General")  # fmt: skip
+    ds = pydicom.dcmread(path)
+    ds.file_meta.TransferSyntaxUID = syntax
+    ds.save_as(path, implicit_vr=True, little_endian=True, enforce_file_format=True)
+    store_file(rest_archive, path)
+    out = dicom(rest_client.post(f"/instances/{resource_ids('P6', '1.6', '1.6.1', '1.6.1.1').instance}/anonymize"))
+    assert str(out.PatientName).startswith("Anonymized") and out.PatientID != "P6" and "InstitutionName" not in out
+    assert out.file_meta.TransferSyntaxUID == syntax and out.SOPInstanceUID != "1.6.1.1"

@@ -53,6 +53,7 @@ def create_app(cfg: Config, archive: Archive) -> FastAPI:
     app.state.cfg = cfg
     app.state.jobs = jobs.JobEngine(cfg["ConcurrentJobs"])
     app.state.name_counter = NameCounter(archive.db)
+    app.add_middleware(edit.EditFront, state=app.state)  # added before the auth middleware: inside it
     if cfg["AuthenticationEnabled"]:
         users = {u.encode(): p.encode() for u, p in cfg["RegisteredUsers"].items()}
 
@@ -145,9 +146,9 @@ def create_app(cfg: Config, archive: Archive) -> FastAPI:
                     found.append({"ID": public_id, "Path": f"/{plural}/{public_id}", "Type": model.__name__})
         return found
 
+    app.include_router(edit.router)  # first: routes are matched in order, and scripts call these per instance
     app.include_router(resources.router)
     app.include_router(upload.router)
-    app.include_router(edit.router)
     app.include_router(content.router)
     app.include_router(jobs.router)
     app.include_router(modify.router)
