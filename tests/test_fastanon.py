@@ -11,6 +11,7 @@ also pin that it does *not* decline on the common cases, or the route would sile
 from __future__ import annotations
 
 import io
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -206,3 +207,57 @@ def test_requests_it_does_not_cover_are_declined() -> None:
 def test_the_counter_is_required_when_the_name_is_automatic() -> None:
     with pytest.raises(RequestError, match="counter"):
         anonymize_bytes(bench_like_ct(), parse_anonymize({}), KeyedUidMap(KEY))
+
+
+def _patch(data: bytes, tag: int, vr: bytes, value: bytes, start: int = 132) -> bytes:
+    """Replace the value of the first (short-header) element ``tag`` at or after ``start``; lengths of enclosing
+    sequences are not fixed, so use it on top-level elements only."""
+    at = data.find(struct.pack("<HH2s", tag >> 16, tag & 0xFFFF, vr), start)
+    assert at > 0
+    length = struct.unpack_from("<H", data, at + 6)[0]
+    return data[: at + 6] + struct.pack("<H", len(value)) + value + data[at + 8 + length :]
+
+
+def _same_or_declined(data: bytes, body: dict[str, Any]) -> bool:
+    got = fast(data, body)
+    if got is not None:
+        assert got == general(data, body)
+    return got is not None
+
+
+def test_elements_the_general_engine_decodes_on_the_way_are_written_as_it_writes_them() -> None:
+    """Found in review: the general engine decodes SpecificCharacterSet and the identifiers even when it keeps
+    them, and pydicom then writes them canonically (padding): copying their input bytes differed."""
+    data = bench_like_ct()
+    for tag, vr, value in ((0x00080016, b"UI", b"1.2.840.10008.5.1.4.1.1.2 "),  # space-padded UID: old writers
+                           (0x00080016, b"UI", b"1.2.840.10008.5.1.4.1.1.7"),  # odd length
+                           (0x00080005, b"CS", b"ISO_IR 100\0\0"),
+                           (0x00080005, b"CS", b" ISO_IR 100 ")):  # fmt: skip
+        assert _same_or_declined(_patch(data, tag, vr, value), {}), (tag, value)
+
+
+def test_inputs_pydicom_reads_differently_are_declined_or_identical() -> None:
+    data = bench_like_ct()
+    meta_length = struct.unpack_from("<I", data, 140)[0]
+    too_long_meta = data[:140] + struct.pack("<I", meta_length + 18) + data[144:]  # swallows SpecificCharacterSet
+    assert not _same_or_declined(too_long_meta, {})
+    ds = pydicom.dcmread(io.BytesIO(data))
+    ds.add_new(0x00071010, "SQ", Sequence([Dataset()]))  # a sequence read before SpecificCharacterSet
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    _same_or_declined(out.getvalue(), {"KeepPrivateTags": True})
+    trailing_group_length = data + struct.pack("<HH2sHI", 0x7FE1, 0x0000, b"UL", 4, 0)  # "truncated" for fileio
+    assert not _same_or_declined(trailing_group_length, {})
+    multi_valued_meta = _patch(data, 0x00020002, b"UI", b"1.2.840.10008.5.1.4.1.1.2\\1.2\0", start=132)
+    _same_or_declined(multi_valued_meta[:140] + struct.pack("<I", meta_length + 4) + multi_valued_meta[144:], {})
+
+
+def test_values_too_long_for_a_short_header_do_not_crash_it() -> None:
+    body = {"Replace": {"SOPInstanceUID": "1" * 70000}, "Force": True}
+    assert fast(bench_like_ct(), body) is None  # pydicom writes it as UN: the general engine's business
+
+
+@pytest.mark.parametrize("value", ["", "  ", "Ω.1"])
+def test_an_empty_or_non_ascii_sop_class_replacement_is_a_bad_request(value: str) -> None:
+    with pytest.raises(RequestError, match="non-empty ASCII"):
+        parse_anonymize({"Replace": {"SOPClassUID": value}})

@@ -73,6 +73,12 @@ from node.dicom.uidmap import UidMap
 from node.dicom.values import TEXT_VRS, is_image_uri, make_element, vr_for
 
 PIXEL_DATA = 0x7FE00010
+PIXEL_REPRESENTATION = 0x00280103
+#: Top-level elements the general engine decodes even when it leaves them alone (to read the character set, the
+#: identifiers, the SOP class for the file meta): pydicom then writes them from their value, in canonical form
+#: (padding, stripped spaces), so this path must too.
+DECODED_BY_THE_ENGINE = (SPECIFIC_CHARACTER_SET, SOP_CLASS_UID, SOP_UID, PATIENT_ID, PATIENT_NAME, STUDY_UID,
+                         SERIES_UID)  # fmt: skip
 UNDEFINED = 0xFFFFFFFF
 ITEM, ITEM_END, SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 #: VR bytes -> (VR, whether its length has 32 bits); UN is left out on purpose (it may hide a sequence)
@@ -130,6 +136,8 @@ def _parse(data: bytes, pos: int, end: int, *, until_delimiter: bool, top: bool)
         if info is None:
             raise _Unsupported("UN or unknown VR")
         vr_text, long = info
+        if tag == PIXEL_REPRESENTATION and vr_text != "US":
+            raise _Unsupported("PixelRepresentation with a VR other than US (pydicom re-encodes it)")
         if long:
             if pos + 12 > size:
                 raise _Unsupported("ends inside an element header")
@@ -227,6 +235,8 @@ def _uid_element(tag: int, parts: list[str]) -> bytes | None:
     value = "\\".join(parts).encode("ascii")
     if len(value) % 2:
         value += b"\0"
+    if len(value) > 0xFFFF:
+        return None  # pydicom writes it as UN
     return _SHORT_HEAD.pack(tag >> 16, tag & 0xFFFF, b"UI", len(value)) + value
 
 
@@ -322,10 +332,18 @@ class _Walk:
         """``apply._visit_item`` then ``fileio._encode_item``, in one pass (the item's elements are sorted)."""
         mod, data = self.mod, self.data
         encodings = parent_enc  # an item's own SpecificCharacterSet, else its parent's (pydicom's rule)
+        charset = None
+        sequence_seen = False
         for e in elems:
             if e.tag == SPECIFIC_CHARACTER_SET:
-                encodings = convert_encodings(_decode(data, e, parent_enc).value)
+                if sequence_seen:  # pydicom may have read it with the character set seen so far
+                    raise _Unsupported("a sequence before an item's SpecificCharacterSet")
+                charset = _decode(data, e, parent_enc)
+                encodings = convert_encodings(charset.value)
                 break
+            if e.tag > SPECIFIC_CHARACTER_SET:
+                break
+            sequence_seen = sequence_seen or e.vr == "SQ"
         out.append(_ITEM_HEAD)
         for e in elems:
             tag = e.tag
@@ -335,6 +353,9 @@ class _Walk:
                 continue
             if tag == PATIENT_NAME:  # the top-level pseudonym (deviation 61)
                 out.append(self.nested_name(encodings))
+                continue
+            if tag == SPECIFIC_CHARACTER_SET and charset is not None:  # fileio._encode_item decodes it
+                out.append(_encoded(charset, encodings))
                 continue
             if tag in mod.nested_removals or (tag >> 24 in (0x50, 0x60) and _in_range(mod, tag)):
                 continue
@@ -376,9 +397,17 @@ def _meta(data: bytes) -> tuple[str, dict[int, Any], int]:
         raise _Unsupported("no file meta group length")
     end = 144 + _U32.unpack_from(data, 140)[0]
     elems, _ = _parse(data, 132, end, until_delimiter=False, top=False)
-    values = {e.tag: "\\".join(_uid_parts(data, e)) for e in elems
-              if e.tag in (0x00020002, 0x00020003, 0x00020010) and e.vr == "UI"}  # fmt: skip
-    ts = values.get(0x00020010, "").strip()
+    # pydicom ignores the group length and reads group 0002 up to the first other tag: they must agree
+    if any(e.tag >> 16 != 0x0002 for e in elems) or (end + 2 <= len(data) and _U16.unpack_from(data, end)[0] == 2):
+        raise _Unsupported("the file meta group length does not match its elements")
+    values: dict[int, str] = {}
+    for e in elems:
+        if e.tag in (0x00020002, 0x00020003, 0x00020010) and e.vr == "UI":
+            parts = _uid_parts(data, e)
+            if len(parts) != 1:
+                raise _Unsupported("a multi-valued file meta UID")
+            values[e.tag] = parts[0].strip()  # pydicom's UID() strips both ends
+    ts = values.get(0x00020010, "")
     if not ts or ts in _NOT_OUR_SYNTAXES:
         raise _Unsupported("not explicit VR little endian")
     return ts, values, end
@@ -401,8 +430,12 @@ def _anonymize(data: bytes, mod: Modification, uid_map: UidMap, counter: int | N
     top, _ = _parse(data, start, len(data), until_delimiter=False, top=True)
     if not top:
         raise _Unsupported("no data elements")
+    if top[-1].tag & 0xFFFF == 0:
+        raise _Unsupported("a group length as the last element")  # fileio.load calls that truncated
     by_tag = {e.tag: e for e in top}
     charset_elem = by_tag.get(SPECIFIC_CHARACTER_SET)
+    if charset_elem is not None and any(e.vr == "SQ" and e.tag < SPECIFIC_CHARACTER_SET for e in top):
+        raise _Unsupported("a sequence before SpecificCharacterSet")  # pydicom reads it with the default
     charset = _decode(data, charset_elem, None).value if charset_elem is not None else None
     # supports() ruled out requests that change SpecificCharacterSet: it decodes and encodes everything
     encodings = convert_encodings(charset) if charset_elem is not None else default_encoding
@@ -474,10 +507,15 @@ def _anonymize(data: bytes, mod: Modification, uid_map: UidMap, counter: int | N
         else:
             raise _Unsupported("a profile UID that was also cleared")
 
+    for tag in DECODED_BY_THE_ENGINE:
+        current = state.get(tag)
+        if isinstance(current, _Elem):
+            state[tag] = _decode(data, current, encodings)
+
     name = state.get(PATIENT_NAME)
     if isinstance(name, bytes):
         raise _Unsupported("PatientName cleared")
-    walk.patient_name = "" if name is None else _text(value_of(PATIENT_NAME) if isinstance(name, _Elem) else name.value)
+    walk.patient_name = "" if name is None else _text(name.value)
 
     body: list[bytes | memoryview] = []
     view = memoryview(data)
@@ -520,6 +558,8 @@ def _file_meta(sop: dict[int, str], meta_values: dict[int, Any], ts: str) -> byt
     # apply() sets the old meta's values from the dataset; new_file_meta takes the dataset's, or the old meta's
     sop_class = sop[SOP_CLASS_UID] if SOP_CLASS_UID in sop else meta_values.get(0x00020002)
     sop_instance = sop[SOP_UID] if SOP_UID in sop else meta_values.get(0x00020003)
+    if not sop_class or not sop_instance or "\\" in sop_class or "\\" in sop_instance:
+        raise _Unsupported("an empty or multi-valued SOP class or instance")  # pydicom refuses or mangles it
     elements = b"".join((
         _LONG_HEAD.pack(0x0002, 0x0001, b"OB", 2) + b"\0\1",
         _meta_text(0x0002, "UI", str(sop_class or "")),
@@ -532,7 +572,12 @@ def _file_meta(sop: dict[int, str], meta_values: dict[int, Any], ts: str) -> byt
 
 
 def _meta_text(number: int, vr: str, text: str) -> bytes:
-    value = text.encode("latin-1")
+    try:
+        value = text.encode("ascii")
+    except UnicodeEncodeError:
+        raise _Unsupported("a file meta value that is not ASCII") from None
     if len(value) % 2:
         value += b"\0" if vr == "UI" else b" "
+    if len(value) > 0xFFFF:
+        raise _Unsupported("a file meta value too long for its header")
     return _SHORT_HEAD.pack(0x0002, number, vr.encode(), len(value)) + value

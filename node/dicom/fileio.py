@@ -29,6 +29,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import dcmread
 from pydicom.filewriter import dcmwrite, write_data_element, write_file_meta_info
+from pydicom.multival import MultiValue
 from pydicom.uid import (
     PYDICOM_IMPLEMENTATION_UID,
     UID,
@@ -162,14 +163,21 @@ def _check_complete(ds: Dataset, data: bytes) -> None:
         raise Truncated(f"truncated file: {size - end} byte(s) of an element header after the last element")
 
 
+def _joined(value: Any) -> str:
+    """A value as DICOM text: a (invalid, but seen) multi-valued UID joined by backslashes, not a Python list."""
+    if isinstance(value, MultiValue):
+        return "\\".join(str(v) for v in value)
+    return str(value or "")
+
+
 def new_file_meta(ds: Dataset, transfer_syntax: str) -> FileMetaDataset:
     """A fresh file meta group: nothing of the sender's meta (its AE title, its implementation) is carried."""
     meta = FileMetaDataset()
     old = getattr(ds, "file_meta", None) or {}
     sop_class = ds.get("SOPClassUID") or old.get("MediaStorageSOPClassUID")
     sop_instance = ds.get("SOPInstanceUID") or old.get("MediaStorageSOPInstanceUID")
-    meta.MediaStorageSOPClassUID = str(sop_class or "")
-    meta.MediaStorageSOPInstanceUID = str(sop_instance or "")
+    meta.MediaStorageSOPClassUID = _joined(sop_class)
+    meta.MediaStorageSOPInstanceUID = _joined(sop_instance)
     meta.TransferSyntaxUID = transfer_syntax
     meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
     meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME

@@ -191,8 +191,9 @@ def _common(mod: Modification, body: dict[str, Any]) -> None:
             continue
         tag = int(path.final)
         _check_force(tag, "replaced", force)
-        if tag in (SOP_UID, SOP_CLASS_UID) and not isinstance(value, str):
-            raise BadParameterType(f"Bad Parameter type for tag {text}: it must be a string")
+        if tag in (SOP_UID, SOP_CLASS_UID) and not (isinstance(value, str) and value.strip() and value.isascii()):
+            # the file meta repeats both: pydicom refuses an empty one, and a UID is ASCII
+            raise BadParameterType(f"Bad Parameter type for tag {text}: it must be a non-empty ASCII string (a UID)")
         for s in (mod.removals, mod.clearings, mod.uids, mod.private_keep):
             s.discard(tag)
         mod.replacements[tag] = value
