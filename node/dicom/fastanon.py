@@ -247,6 +247,48 @@ def _empty_element(tag: int, vr: str) -> bytes:
     return _SHORT_HEAD.pack(tag >> 16, tag & 0xFFFF, vr.encode(), 0)
 
 
+#: Pure functions of their arguments that every request of a series repeats (the character set, the SOP class,
+#: the profile's replacements): remembered per process, bounded.
+_MEMO: dict[tuple[Any, ...], tuple[bytes, str, str]] = {}
+_MEMO_SIZE = 4096
+
+
+def _remember(key: tuple[Any, ...], make: Any) -> tuple[bytes, str, str]:
+    hit = _MEMO.get(key)
+    if hit is None:
+        hit = make()
+        if len(_MEMO) >= _MEMO_SIZE:
+            _MEMO.clear()
+        _MEMO[key] = hit
+    return hit
+
+
+def _canonical(data: bytes, e: _Elem, encodings: Any) -> tuple[bytes, str]:
+    """An untouched element as pydicom writes it once decoded, and its value as text."""
+
+    def make() -> tuple[bytes, str, str]:
+        elem = _decode(data, e, encodings)
+        return _encoded(elem, encodings), _text(elem.value), e.vr
+
+    encoded, text, _ = _remember(("decoded", e.tag, e.vr, data[e.value : e.value + e.length], str(encodings)), make)
+    return encoded, text
+
+
+def _replacement(tag: int, value: str | None, vr: str, charset: Any, private_creator: str) -> tuple[bytes, str, str]:
+    """``apply._replace`` for a plain value: the element as written, its text and its VR."""
+
+    def make() -> tuple[bytes, str, str]:
+        elem = make_element(tag, value, vr=vr, charset=charset, private_creator=private_creator)
+        if elem.VR == "SQ":
+            raise _Unsupported("a sequence made by a replacement")
+        encodings = convert_encodings(charset) if charset else None
+        return _encoded(elem, encodings), _text(elem.value), str(elem.VR)
+
+    if tag == PATIENT_NAME and isinstance(value, str) and value.startswith("Anonymized"):
+        return make()  # a new name each request: not worth remembering
+    return _remember(("replaced", tag, value, vr, str(charset), private_creator), make)
+
+
 def _text(value: Any) -> str:
     """``apply._text`` for a value already decoded."""
     if value is None:
@@ -254,6 +296,14 @@ def _text(value: Any) -> str:
     if isinstance(value, MultiValue):
         return "\\".join(str(v) for v in value)
     return str(value)
+
+
+def _original(data: bytes, e: _Elem, encodings: Any) -> str:
+    """``apply._text`` of an identifier: a UI value as ``convert_UI`` and ``UID()`` read it (trailing NULs and
+    spaces dropped, then each value stripped), anything else through pydicom."""
+    if e.vr == "UI":
+        return "\\".join(part.strip() for part in _uid_parts(data, e))
+    return _text(_decode(data, e, encodings).value)
 
 
 def _sequence_head(tag: int) -> bytes:
@@ -349,7 +399,7 @@ class _Walk:
             tag = e.tag
             if tag & 0xFFFF == 0:
                 continue  # group lengths are not written (and private ones are removed anyway)
-            if mod.remove_private and _is_private(tag):
+            if mod.remove_private and tag >> 16 & 1:  # private
                 continue
             if tag == PATIENT_NAME:  # the top-level pseudonym (deviation 61)
                 out.append(self.nested_name(encodings))
@@ -440,10 +490,7 @@ def _anonymize(data: bytes, mod: Modification, uid_map: UidMap, counter: int | N
     # supports() ruled out requests that change SpecificCharacterSet: it decodes and encodes everything
     encodings = convert_encodings(charset) if charset_elem is not None else default_encoding
 
-    def value_of(tag: int) -> Any:
-        return _decode(data, by_tag[tag], encodings).value
-
-    originals = {tag: (_text(value_of(tag)) if tag in by_tag else None)
+    originals = {tag: (_original(data, by_tag[tag], encodings) if tag in by_tag else None)
                  for tag in (PATIENT_ID, STUDY_UID, SERIES_UID, SOP_UID)}  # fmt: skip
 
     # 1. A forced replacement of an identifier: references to the old value follow it.
@@ -462,7 +509,7 @@ def _anonymize(data: bytes, mod: Modification, uid_map: UidMap, counter: int | N
     # 2.-4. Private elements, clearings, removals (curves and overlays too).
     for e in top:
         tag = e.tag
-        if (mod.remove_private and _is_private(tag)) or tag in mod.removals:
+        if (mod.remove_private and tag >> 16 & 1) or tag in mod.removals:  # private, or removed
             continue
         if tag >> 24 in (0x50, 0x60) and _in_range(mod, tag):
             continue
@@ -480,11 +527,8 @@ def _anonymize(data: bytes, mod: Modification, uid_map: UidMap, counter: int | N
             if counter is None:
                 raise MissingCounter("Anonymized<N> needs the patient name counter N")
             value = f"Anonymized{counter}"
-        elem = make_element(tag, value, vr=vr_for(tag, vrs.get(tag), mod.private_creator), charset=charset,
-                            private_creator=mod.private_creator)  # fmt: skip
-        if elem.VR == "SQ":
-            raise _Unsupported("a sequence made by a replacement")
-        state[tag], vrs[tag] = elem, elem.VR
+        state[tag], texts[tag], vrs[tag] = _replacement(tag, value, vr_for(tag, vrs.get(tag), mod.private_creator),
+                                                        charset, mod.private_creator)  # fmt: skip
 
     # 6. New Study/Series/SOP Instance UIDs (an anonymization is at the patient level), unless replaced.
     for tag, level in ((SOP_UID, Level.INSTANCE), (SERIES_UID, Level.SERIES), (STUDY_UID, Level.STUDY)):
@@ -510,12 +554,12 @@ def _anonymize(data: bytes, mod: Modification, uid_map: UidMap, counter: int | N
     for tag in DECODED_BY_THE_ENGINE:
         current = state.get(tag)
         if isinstance(current, _Elem):
-            state[tag] = _decode(data, current, encodings)
+            state[tag], texts[tag] = _canonical(data, current, encodings)
 
     name = state.get(PATIENT_NAME)
-    if isinstance(name, bytes):
+    if isinstance(name, bytes) and PATIENT_NAME not in texts:
         raise _Unsupported("PatientName cleared")
-    walk.patient_name = "" if name is None else _text(name.value)
+    walk.patient_name = "" if name is None else (texts[PATIENT_NAME] if isinstance(name, bytes) else _text(name.value))
 
     body: list[bytes | memoryview] = []
     view = memoryview(data)
