@@ -92,3 +92,17 @@ def test_files_the_fast_path_declines_go_to_the_general_engine(rest_client: Test
     out = dicom(rest_client.post(f"/instances/{resource_ids('P6', '1.6', '1.6.1', '1.6.1.1').instance}/anonymize"))
     assert str(out.PatientName).startswith("Anonymized") and out.PatientID != "P6" and "InstitutionName" not in out
     assert out.file_meta.TransferSyntaxUID == syntax and out.SOPInstanceUID != "1.6.1.1"
+
+
+def test_a_stored_file_the_edit_cannot_write_is_a_400(rest_client: TestClient, rest_archive: Archive,
+                                                      tmp_path: Path) -> None:  # fmt: skip
+    """Found in review: a UID tag stored with a numeric VR made both engines raise (HTTP 500)."""
+    path = make_instance(tmp_path / "fd.dcm", patient_id="P7", study_uid="1.7", series_uid="1.7.1", sop_uid="1.7.1.1")
+    ds = pydicom.dcmread(path)
+    ds.add_new(0x00200052, "FD", 1.5)  # FrameOfReferenceUID, which the profile remaps, as a double
+    ds.save_as(path, enforce_file_format=True)
+    store_file(rest_archive, path)
+    instance = resource_ids("P7", "1.7", "1.7.1", "1.7.1.1").instance
+    for body in ({}, {"Keep": ["StudyDate"]}):  # the fast path and the general engine
+        r = rest_client.post(f"/instances/{instance}/anonymize", json=body)
+        assert r.status_code == 400 and instance in r.json()["Details"] and "1.5" not in r.text, r.text

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import struct
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -18,13 +19,14 @@ from fastapi import APIRouter, Request, Response
 from pydicom.uid import generate_uid
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from node import logs
 from node.archive.pseudonyms import NameCounter
 from node.archive.store import Archive, _sql
 from node.dicom import fileio
 from node.dicom.apply import apply
 from node.dicom.errors import RequestError
 from node.dicom.fastanon import anonymize_bytes
-from node.dicom.request import parse_anonymize, parse_modify
+from node.dicom.request import Modification, parse_anonymize, parse_modify
 from node.dicom.transcode import transcode
 from node.dicom.uidmap import MemoryUidMap
 from node.rest import errors
@@ -32,6 +34,7 @@ from node.rest.body import parse_json
 from node.rest.errors import RestError, unknown_resource
 
 router = APIRouter()
+log = logs.get("dicom-node.rest")
 
 
 def file_of(archive: Archive, public_id: str) -> Path:
@@ -53,6 +56,23 @@ def _edit(archive: Archive, counter: NameCounter, public_id: str, raw: bytes, an
         data = path.read_bytes()
     except FileNotFoundError:  # deleted (or replaced by an overwrite) since it was looked up
         raise unknown_resource(f"instance {public_id!r} was deleted meanwhile") from None
+    try:
+        return _rewrite(data, mod, anonymize, number)
+    except RequestError:
+        raise  # a 400 naming the field or value
+    except (ValueError, TypeError, AttributeError, KeyError, OverflowError, RecursionError, OSError,
+            struct.error) as exc:  # fmt: skip
+        # The stored instance itself cannot be rewritten: a UID tag stored with a numeric VR, an empty SOP class
+        # that pydicom refuses in the file meta, sequences nested hundreds deep. A 400 naming the instance, not a
+        # 500; pydicom's message may quote a value (PHI), so only its kind is said and logged. (OSError here is
+        # an encoding failure: everything is in memory once the file is read.)
+        log.warning("instance cannot be rewritten", instance=public_id, error=type(exc).__name__)
+        raise RestError(400, 15, "Bad file format",
+                        f"instance {public_id!r} cannot be rewritten: its stored file holds something the edit "
+                        f"cannot read or write ({type(exc).__name__})") from None  # fmt: skip
+
+
+def _rewrite(data: bytes, mod: Modification, anonymize: bool, number: int | None) -> list[Any]:
     if anonymize:
         chunks = anonymize_bytes(data, mod, MemoryUidMap(), patient_name_counter=number)
         if chunks is not None:  # the common request on explicit VR data: no pydicom Dataset (fastanon.py)
