@@ -27,7 +27,7 @@ from typing import Any
 
 from peewee import Database, fn
 
-from node.archive.db import is_postgres, write_transaction
+from node.archive.db import is_postgres, sql_for, write_transaction
 from node.archive.models import Outbox, utcnow
 
 PENDING, CLAIMED, DONE, DEAD = "pending", "claimed", "done", "dead"
@@ -61,17 +61,13 @@ class RetryPolicy:
         return full / 2 + random.uniform(0, full / 2)
 
 
-def _sql(db: Database, template: str) -> str:
-    return template.replace("?", db.param)
-
-
 def enqueue(db: Database, instance: str, study: str, deliveries: Iterable[tuple[str, str]], now: dt.datetime) -> int:
     """Queue ``(rule, destination)`` deliveries of one instance; call inside the caller's write transaction.
 
     A row that exists already (the instance was overwritten, a stable study grew, a replay) starts afresh:
     pending, no attempts, due now.
     """
-    sql = _sql(
+    sql = sql_for(
         db,
         """INSERT INTO "outbox" (instance, study, rule, destination, state, attempts, next_attempt,
         claimed_by, claim, last_error, created_at, updated_at) VALUES (?, ?, ?, ?, 'pending', 0, ?, '', '', '', ?, ?)
@@ -123,8 +119,12 @@ def worth_claiming(db: Database, batch: int, linger_s: float, now: dt.datetime |
     # At most ``batch`` index entries read (index state, next_attempt): a large backlog costs no more per poll.
     # Every idle worker runs this 20 times a second: plain SQL, not a peewee query built per poll (that was
     # 0.4 ms of CPU a poll, 2 % of a core per idle node).
-    sql = _WORTH_CLAIMING_SQL.replace("?", db.param)
-    due = [t for (t,) in db.execute_sql(sql, (PENDING, Outbox.next_attempt.db_value(now), batch)).fetchall()]
+    due = [
+        t
+        for (t,) in db.execute_sql(
+            sql_for(db, _WORTH_CLAIMING_SQL), (PENDING, Outbox.next_attempt.db_value(now), batch)
+        ).fetchall()
+    ]
     if not due:
         return False
     oldest = dt.datetime.fromisoformat(due[0]) if isinstance(due[0], str) else due[0]

@@ -19,7 +19,7 @@ from typing import Literal
 
 from peewee import Database, IntegrityError, InterfaceError, OperationalError
 
-from node.archive.db import is_postgres, is_transient, open_index, reset_if_broken, write_transaction
+from node.archive.db import is_postgres, is_transient, open_index, reset_if_broken, sql_for, write_transaction
 from node.archive.models import Change, Garbage, Instance, Metadata, Outbox, Patient, Series, Study, utcnow
 from node.archive.outbox import enqueue
 from node.archive.storage import FileStorage, SpoolFile, Storage
@@ -131,10 +131,6 @@ _INSTANCE_COLUMNS = (
 )  # fmt: skip
 
 
-def _sql(db: Database, template: str) -> str:
-    return template.replace("?", db.param)
-
-
 def _parents(
     archive: Archive, ids: ResourceIds, tags: IndexTags, now: dt.datetime, use_cache: bool
 ) -> tuple[int, list[tuple[str, str, str]]]:
@@ -148,8 +144,8 @@ def _parents(
             # Rows are locked top-down on every path (patient, study, series, instance): concurrent receivers
             # of several nodes then queue instead of deadlocking (PostgreSQL).
             touch = "SET last_update = ?, stable_pending = ? WHERE id = ?"
-            db.execute_sql(_sql(db, f'UPDATE "study" {touch}'), (now, True, study_id))
-            db.execute_sql(_sql(db, f'UPDATE "series" {touch}'), (now, True, series_id))
+            db.execute_sql(sql_for(db, f'UPDATE "study" {touch}'), (now, True, study_id))
+            db.execute_sql(sql_for(db, f'UPDATE "series" {touch}'), (now, True, series_id))
             cache[ids.series] = (series_id, study_id, mono)
         return series_id, []
     changes: list[tuple[str, str, str]] = []
@@ -198,7 +194,7 @@ def _index(archive: Archive, spool: SpoolFile, tags: IndexTags, ids: ResourceIds
         # would succeed and the copy between them would stay on disk with no row naming it. (SQLite's
         # transaction holds the write lock from the start already.)
         lock = " FOR UPDATE" if is_postgres(db) else ""
-        row = db.execute_sql(_sql(db, f'SELECT id, file_uuid FROM "instance" WHERE public_id = ?{lock}'),
+        row = db.execute_sql(sql_for(db, f'SELECT id, file_uuid FROM "instance" WHERE public_id = ?{lock}'),
                              (ids.instance,)).fetchone()  # fmt: skip
         if row is not None and row[1] == spool.uuid:
             # Our own commit, whose acknowledgement the connection lost before a retry: it is stored.
@@ -217,11 +213,11 @@ def _index(archive: Archive, spool: SpoolFile, tags: IndexTags, ids: ResourceIds
         old_uuid = None
         if row is not None:
             old_uuid = row[1]
-            db.execute_sql(_sql(db, 'INSERT INTO "garbage" (file_uuid) VALUES (?)'), (old_uuid,))
+            db.execute_sql(sql_for(db, 'INSERT INTO "garbage" (file_uuid) VALUES (?)'), (old_uuid,))
             sets = ", ".join(f"{c} = ?" for c in _INSTANCE_COLUMNS[1:])
             sql = f'UPDATE "instance" SET {sets} WHERE id = ? AND EXISTS '
             sql += '(SELECT 1 FROM "series" WHERE id = ? AND public_id = ?)'
-            cursor = db.execute_sql(_sql(db, sql), (*values[1:], row[0], series_id, ids.series))
+            cursor = db.execute_sql(sql_for(db, sql), (*values[1:], row[0], series_id, ids.series))
             if cursor.rowcount != 1:
                 raise _StaleCache
         else:
@@ -230,18 +226,18 @@ def _index(archive: Archive, spool: SpoolFile, tags: IndexTags, ids: ResourceIds
             # Inserted only if the series row is still the one we think (the cache may be stale).
             sql = f'INSERT INTO "instance" ({cols}) SELECT {marks} WHERE EXISTS '
             sql += '(SELECT 1 FROM "series" WHERE id = ? AND public_id = ?)'
-            cursor = db.execute_sql(_sql(db, sql), (*values, series_id, ids.series))
+            cursor = db.execute_sql(sql_for(db, sql), (*values, series_id, ids.series))
             if cursor.rowcount != 1:
                 raise _StaleCache
         changes.append(("NewInstance", "Instance", ids.instance))
         if row is not None or metadata:
-            db.execute_sql(_sql(db, 'DELETE FROM "metadata" WHERE public_id = ?'), (ids.instance,))
+            db.execute_sql(sql_for(db, 'DELETE FROM "metadata" WHERE public_id = ?'), (ids.instance,))
         for name, value in metadata.items():
-            db.execute_sql(_sql(db, 'INSERT INTO "metadata" (public_id, name, value) VALUES (?, ?, ?)'),
+            db.execute_sql(sql_for(db, 'INSERT INTO "metadata" (public_id, name, value) VALUES (?, ?, ?)'),
                            (ids.instance, name, value))  # fmt: skip
         for change_type, level, public_id in changes:
             db.execute_sql(
-                _sql(db, 'INSERT INTO "change" (change_type, level, public_id, date) VALUES (?, ?, ?, ?)'),
+                sql_for(db, 'INSERT INTO "change" (change_type, level, public_id, date) VALUES (?, ?, ?, ?)'),
                 (change_type, level, public_id, now),
             )
         enqueue(db, ids.instance, ids.study, deliveries, now)

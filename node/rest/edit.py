@@ -20,8 +20,9 @@ from pydicom.uid import generate_uid
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from node import logs
+from node.archive.db import sql_for
 from node.archive.pseudonyms import NameCounter
-from node.archive.store import Archive, _sql
+from node.archive.store import Archive
 from node.dicom import fileio
 from node.dicom.apply import apply
 from node.dicom.errors import RequestError
@@ -41,7 +42,7 @@ def file_of(archive: Archive, public_id: str) -> Path:
     """The stored file of an instance (404 if unknown): one indexed SELECT on this thread's connection."""
     db = archive.db
     db.connect(reuse_if_open=True)
-    row = db.execute_sql(_sql(db, 'SELECT file_uuid FROM "instance" WHERE public_id = ?'), (public_id,)).fetchone()
+    row = db.execute_sql(sql_for(db, 'SELECT file_uuid FROM "instance" WHERE public_id = ?'), (public_id,)).fetchone()
     if row is None:
         raise unknown_resource(f"no instance with ID {public_id!r}")
     return archive.storage.locate(row[0])
