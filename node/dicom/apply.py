@@ -44,7 +44,7 @@ from node.dicom.request import (
 )
 from node.dicom.tags import ANY_ITEM, DicomPath
 from node.dicom.uidmap import UidMap
-from node.dicom.values import TEXT_VRS, embed_image, is_image_uri, make_element, vr_for
+from node.dicom.values import TEXT_VRS, embed_image, is_image_uri, make_element, value_text, vr_for
 
 REFERENCED_SOP_INSTANCE_UID = 0x00081155
 REFERENCED_FRAME_OF_REFERENCE_SEQUENCE = 0x30060010
@@ -114,14 +114,7 @@ def _creator_of(tag: int) -> int:
 
 
 def _text(ds: Dataset, tag: int) -> str | None:
-    if tag not in ds:
-        return None
-    value = ds[tag].value
-    if value is None:
-        return ""
-    if isinstance(value, MultiValue):
-        return "\\".join(str(v) for v in value)
-    return str(value)
+    return value_text(ds[tag].value) if tag in ds else None
 
 
 def _map_value(value: Any, level: Level, uid_map: UidMap) -> Any:

@@ -10,8 +10,9 @@ This module walks the element headers once and never builds a Dataset:
 * an element the request does not touch is copied as a slice of the input (as ``fileio.encode`` does for
   the top level);
 * an element it changes is handed to pydicom: ``convert_raw_data_element`` decodes the value (charsets,
-  multi-values, padding), the engine's own helpers compute the new value (``_map_value``, ``_empty``,
-  ``make_element``) and ``write_data_element`` encodes it;
+  multi-values, padding), the engine's own helpers compute the new value (``UidMap``, ``_map_value``,
+  ``make_element``) and ``write_data_element`` encodes it (plain UIDs, empty values and the file meta are
+  written directly, with ``fileio.element_header``);
 * sequences are written as the general engine writes them (undefined lengths, items in tag order).
 
 So the output is byte for byte what the general engine writes for the same request, UID map and counter;
@@ -38,7 +39,6 @@ from pydicom.charset import convert_encodings, default_encoding
 from pydicom.dataelem import DataElement, RawDataElement, convert_raw_data_element
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_data_element
-from pydicom.multival import MultiValue
 from pydicom.uid import (
     PYDICOM_IMPLEMENTATION_UID,
     DeflatedExplicitVRLittleEndian,
@@ -57,7 +57,7 @@ from node.dicom.apply import (
     _is_private,
     _map_value,
 )
-from node.dicom.fileio import IMPLEMENTATION_VERSION_NAME
+from node.dicom.fileio import IMPLEMENTATION_VERSION_NAME, element_header
 from node.dicom.levels import Level
 from node.dicom.request import (
     AUTO_PATIENT_NAME,
@@ -70,7 +70,7 @@ from node.dicom.request import (
     Modification,
 )
 from node.dicom.uidmap import UidMap
-from node.dicom.values import TEXT_VRS, is_image_uri, make_element, vr_for
+from node.dicom.values import TEXT_VRS, is_image_uri, make_element, value_text, vr_for
 
 PIXEL_DATA = 0x7FE00010
 PIXEL_REPRESENTATION = 0x00280103
@@ -80,7 +80,7 @@ PIXEL_REPRESENTATION = 0x00280103
 DECODED_BY_THE_ENGINE = (SPECIFIC_CHARACTER_SET, SOP_CLASS_UID, SOP_UID, PATIENT_ID, PATIENT_NAME, STUDY_UID,
                          SERIES_UID)  # fmt: skip
 UNDEFINED = 0xFFFFFFFF
-ITEM, ITEM_END, SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
+ITEM_END = 0xFFFEE00D
 #: VR bytes -> (VR, whether its length has 32 bits); UN is left out on purpose (it may hide a sequence)
 _VR_INFO = {
     v.value.encode(): (v.value, v.value in EXPLICIT_VR_LENGTH_32) for v in VR if len(v.value) == 2 and v != "UN"
@@ -227,24 +227,29 @@ def _uid_parts(data: bytes, e: _Elem) -> list[str]:
     return data[e.value : e.value + e.length].decode("latin-1").rstrip("\0 ").split("\\")
 
 
+def _header(tag: int, vr: str, length: int) -> bytes | None:
+    """``fileio.element_header`` for explicit VR little endian, the only encoding this path writes."""
+    return element_header(tag, vr, length, False, True)
+
+
 def _uid_element(tag: int, parts: list[str]) -> bytes | None:
     """A UI element as ``write_data_element`` writes it (parts joined, padded with NUL), or ``None`` if a part
-    is not a plain UID (a user's forced replacement may be anything): pydicom must then decide."""
+    is not a plain UID (a user's forced replacement may be anything) or the value outgrows a 16-bit length
+    (pydicom writes it as UN): pydicom must then decide."""
     if not all(_UID_TEXT.fullmatch(p) for p in parts):
         return None
     value = "\\".join(parts).encode("ascii")
     if len(value) % 2:
         value += b"\0"
-    if len(value) > 0xFFFF:
-        return None  # pydicom writes it as UN
-    return _SHORT_HEAD.pack(tag >> 16, tag & 0xFFFF, b"UI", len(value)) + value
+    header = _header(tag, "UI", len(value))
+    return None if header is None else header + value
 
 
 def _empty_element(tag: int, vr: str) -> bytes:
-    """``apply._empty`` (an empty string, or no value) as written: a header with length 0."""
-    if vr in EXPLICIT_VR_LENGTH_32:
-        return _LONG_HEAD.pack(tag >> 16, tag & 0xFFFF, vr.encode(), 0)
-    return _SHORT_HEAD.pack(tag >> 16, tag & 0xFFFF, vr.encode(), 0)
+    """``apply._empty`` (an empty string, or no value; an empty sequence) as written."""
+    if vr == "SQ":
+        return _sequence_head(tag) + _SEQUENCE_TAIL
+    return _header(tag, vr, 0) or b""
 
 
 #: Pure functions of their arguments that every request of a series repeats (the character set, the SOP class,
@@ -268,7 +273,7 @@ def _canonical(data: bytes, e: _Elem, encodings: Any) -> tuple[bytes, str]:
 
     def make() -> tuple[bytes, str, str]:
         elem = _decode(data, e, encodings)
-        return _encoded(elem, encodings), _text(elem.value), e.vr
+        return _encoded(elem, encodings), value_text(elem.value), e.vr
 
     encoded, text, _ = _remember(("decoded", e.tag, e.vr, data[e.value : e.value + e.length], str(encodings)), make)
     return encoded, text
@@ -282,20 +287,11 @@ def _replacement(tag: int, value: str | None, vr: str, charset: Any, private_cre
         if elem.VR == "SQ":
             raise _Unsupported("a sequence made by a replacement")
         encodings = convert_encodings(charset) if charset else None
-        return _encoded(elem, encodings), _text(elem.value), str(elem.VR)
+        return _encoded(elem, encodings), value_text(elem.value), str(elem.VR)
 
     if tag == PATIENT_NAME and isinstance(value, str) and value.startswith("Anonymized"):
         return make()  # a new name each request: not worth remembering
     return _remember(("replaced", tag, value, vr, str(charset), private_creator), make)
-
-
-def _text(value: Any) -> str:
-    """``apply._text`` for a value already decoded."""
-    if value is None:
-        return ""
-    if isinstance(value, MultiValue):
-        return "\\".join(str(v) for v in value)
-    return str(value)
 
 
 def _original(data: bytes, e: _Elem, encodings: Any) -> str:
@@ -303,21 +299,18 @@ def _original(data: bytes, e: _Elem, encodings: Any) -> str:
     spaces dropped, then each value stripped), anything else through pydicom."""
     if e.vr == "UI":
         return "\\".join(part.strip() for part in _uid_parts(data, e))
-    return _text(_decode(data, e, encodings).value)
+    return value_text(_decode(data, e, encodings).value)
 
 
 def _sequence_head(tag: int) -> bytes:
-    return struct.pack("<HH2s2xI", tag >> 16, tag & 0xFFFF, b"SQ", UNDEFINED)
+    return _header(tag, "SQ", UNDEFINED) or b""
 
 
 def _raw_nested(data: bytes, e: _Elem) -> bytes | memoryview:
     """An untouched element inside an item, as ``fileio._encode_item`` writes it: a canonical header (the
     reserved bytes of a 32-bit length header are zero there) and the value."""
     if e.value - e.start == 12 and data[e.start + 6 : e.start + 8] != b"\0\0":
-        return (
-            struct.pack("<HH2s2xI", e.tag >> 16, e.tag & 0xFFFF, e.vr.encode(), e.length)
-            + data[e.value : e.value + e.length]
-        )
+        return (_header(e.tag, e.vr, e.length) or b"") + data[e.value : e.value + e.length]
     return memoryview(data)[e.start : e.end]
 
 
@@ -353,12 +346,8 @@ class _Walk:
     _names: dict[str, bytes] = field(default_factory=dict)
 
     def remap(self, e: _Elem, level: Level, encodings: Any) -> bytes:
-        if e.vr == "UI":
-            parts = _uid_parts(self.data, e)
-            if len(parts) == 1:
-                fast = _uid_element(e.tag, [self.uid_map.map(level, parts[0])])
-            else:
-                fast = _uid_element(e.tag, [self.uid_map.map(level, p) for p in parts])
+        if e.vr == "UI":  # each value remapped on its own (apply._map_value); "" maps too
+            fast = _uid_element(e.tag, [self.uid_map.map(level, p) for p in _uid_parts(self.data, e)])
             if fast is not None:
                 return fast
         elem = _decode(self.data, e, encodings)
@@ -514,12 +503,7 @@ def _anonymize(data: bytes, mod: Modification, uid_map: UidMap, counter: int | N
         if tag >> 24 in (0x50, 0x60) and _in_range(mod, tag):
             continue
         vrs[tag] = e.vr
-        if tag not in mod.clearings:
-            state[tag] = e
-        elif e.vr == "SQ":
-            state[tag] = _sequence_head(tag) + _SEQUENCE_TAIL  # an empty sequence
-        else:
-            state[tag] = _empty_element(tag, e.vr)
+        state[tag] = _empty_element(tag, e.vr) if tag in mod.clearings else e
 
     # 5. Replace (inserted if absent).
     for tag, value in mod.replacements.items():
@@ -543,23 +527,18 @@ def _anonymize(data: bytes, mod: Modification, uid_map: UidMap, counter: int | N
         if tag in mod.user_tags:
             continue
         current = state[tag]
-        level = Level.PATIENT if tag == PATIENT_ID else Level.INSTANCE
-        if isinstance(current, _Elem):
-            state[tag] = walk.remap(current, level, encodings)
-        elif isinstance(current, DataElement):
-            current.value = _map_value(current.value, level, uid_map)
-        else:
-            raise _Unsupported("a profile UID that was also cleared")
+        if not isinstance(current, _Elem):  # cleared or replaced by the profile too: apply() remaps that value
+            raise _Unsupported("a profile UID that an earlier step changed")
+        state[tag] = walk.remap(current, Level.PATIENT if tag == PATIENT_ID else Level.INSTANCE, encodings)
 
     for tag in DECODED_BY_THE_ENGINE:
         current = state.get(tag)
         if isinstance(current, _Elem):
             state[tag], texts[tag] = _canonical(data, current, encodings)
 
-    name = state.get(PATIENT_NAME)
-    if isinstance(name, bytes) and PATIENT_NAME not in texts:
+    if PATIENT_NAME in state and PATIENT_NAME not in texts:
         raise _Unsupported("PatientName cleared")
-    walk.patient_name = "" if name is None else (texts[PATIENT_NAME] if isinstance(name, bytes) else _text(name.value))
+    walk.patient_name = texts.get(PATIENT_NAME, "")  # replaced (Anonymized<N>, a user's value) or removed
 
     body: list[bytes | memoryview] = []
     view = memoryview(data)
@@ -577,19 +556,8 @@ def _anonymize(data: bytes, mod: Modification, uid_map: UidMap, counter: int | N
         else:
             body.append(current)
 
-    sop = {tag: _final_text(data, state, texts, tag, encodings) for tag in (SOP_CLASS_UID, SOP_UID) if tag in state}
+    sop = {tag: texts[tag] for tag in (SOP_CLASS_UID, SOP_UID) if tag in state}
     return [_file_meta(sop, meta_values, ts), *body]
-
-
-def _final_text(data: bytes, state: dict[int, Any], texts: dict[int, str], tag: int, encodings: Any) -> str:
-    if tag in texts:
-        return texts[tag]
-    current = state[tag]
-    if isinstance(current, _Elem):
-        return _text(_decode(data, current, encodings).value)
-    if isinstance(current, DataElement):
-        return _text(current.value)
-    raise _Unsupported("an SOP identifier that was cleared")
 
 
 def _file_meta(sop: dict[int, str], meta_values: dict[int, Any], ts: str) -> bytes:
@@ -606,8 +574,8 @@ def _file_meta(sop: dict[int, str], meta_values: dict[int, Any], ts: str) -> byt
         raise _Unsupported("an empty or multi-valued SOP class or instance")  # pydicom refuses or mangles it
     elements = b"".join((
         _LONG_HEAD.pack(0x0002, 0x0001, b"OB", 2) + b"\0\1",
-        _meta_text(0x0002, "UI", str(sop_class or "")),
-        _meta_text(0x0003, "UI", str(sop_instance or "")),
+        _meta_text(0x0002, "UI", sop_class),
+        _meta_text(0x0003, "UI", sop_instance),
         _meta_text(0x0010, "UI", ts),
         _meta_text(0x0012, "UI", PYDICOM_IMPLEMENTATION_UID),
         _meta_text(0x0013, "SH", IMPLEMENTATION_VERSION_NAME),
@@ -622,6 +590,7 @@ def _meta_text(number: int, vr: str, text: str) -> bytes:
         raise _Unsupported("a file meta value that is not ASCII") from None
     if len(value) % 2:
         value += b"\0" if vr == "UI" else b" "
-    if len(value) > 0xFFFF:
+    header = _header(0x00020000 | number, vr, len(value))
+    if header is None:
         raise _Unsupported("a file meta value too long for its header")
-    return _SHORT_HEAD.pack(0x0002, number, vr.encode(), len(value)) + value
+    return header + value

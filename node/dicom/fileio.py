@@ -29,7 +29,6 @@ from pydicom.errors import InvalidDicomError
 from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import dcmread
 from pydicom.filewriter import dcmwrite, write_data_element, write_file_meta_info
-from pydicom.multival import MultiValue
 from pydicom.uid import (
     PYDICOM_IMPLEMENTATION_UID,
     UID,
@@ -41,6 +40,7 @@ from pydicom.uid import (
 from pydicom.valuerep import EXPLICIT_VR_LENGTH_32
 
 from node import __version__
+from node.dicom.values import value_text
 
 #: Values larger than this stay in the input buffer until written.
 DEFER_SIZE = 16 * 1024
@@ -163,21 +163,15 @@ def _check_complete(ds: Dataset, data: bytes) -> None:
         raise Truncated(f"truncated file: {size - end} byte(s) of an element header after the last element")
 
 
-def _joined(value: Any) -> str:
-    """A value as DICOM text: a (invalid, but seen) multi-valued UID joined by backslashes, not a Python list."""
-    if isinstance(value, MultiValue):
-        return "\\".join(str(v) for v in value)
-    return str(value or "")
-
-
 def new_file_meta(ds: Dataset, transfer_syntax: str) -> FileMetaDataset:
     """A fresh file meta group: nothing of the sender's meta (its AE title, its implementation) is carried."""
     meta = FileMetaDataset()
     old = getattr(ds, "file_meta", None) or {}
     sop_class = ds.get("SOPClassUID") or old.get("MediaStorageSOPClassUID")
     sop_instance = ds.get("SOPInstanceUID") or old.get("MediaStorageSOPInstanceUID")
-    meta.MediaStorageSOPClassUID = _joined(sop_class)
-    meta.MediaStorageSOPInstanceUID = _joined(sop_instance)
+    # value_text: an (invalid, but seen) multi-valued UID joined by backslashes, not written as a Python list
+    meta.MediaStorageSOPClassUID = value_text(sop_class)
+    meta.MediaStorageSOPInstanceUID = value_text(sop_instance)
     meta.TransferSyntaxUID = transfer_syntax
     meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
     meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
@@ -220,7 +214,7 @@ _SEQUENCE_DELIMITER = 0xFFFEE0DD
 _UNDEFINED = 0xFFFFFFFF
 
 
-def _element_header(tag: int, vr: str, length: int, implicit: bool, little: bool) -> bytes | None:
+def element_header(tag: int, vr: str, length: int, implicit: bool, little: bool) -> bytes | None:
     """Tag, VR and length as they precede a value (None if the length does not fit a 16-bit length VR)."""
     e = "<" if little else ">"
     if implicit:
@@ -250,7 +244,7 @@ def _encode_item(item: Dataset, implicit: bool, little: bool, encodings: list[st
             elem = item[tag]  # implicit VR content in an explicit file (a UN sequence): decode, then re-encode
         if isinstance(elem, RawDataElement) and elem.value is not None and elem.length != _UNDEFINED:
             vr = elem.VR or "UN"
-            header = _element_header(tag, vr, len(elem.value), implicit, little)
+            header = element_header(tag, vr, len(elem.value), implicit, little)
             if header is not None and (implicit or elem.VR):
                 out.write(header)
                 out.write(elem.value)
@@ -266,7 +260,7 @@ def _encode_item(item: Dataset, implicit: bool, little: bool, encodings: list[st
 
 def _encode_sequence(elem: Any, implicit: bool, little: bool, encodings: list[str] | None, out: DicomBytesIO) -> None:
     e = "<" if little else ">"
-    header = _element_header(elem.tag, "SQ", _UNDEFINED, implicit, little)
+    header = element_header(elem.tag, "SQ", _UNDEFINED, implicit, little)
     assert header is not None
     out.write(header)
     for item in elem.value:
@@ -299,7 +293,7 @@ def _body_chunks(loaded: Loaded) -> Iterator[bytes | memoryview]:
             continue  # retired group lengths (now wrong) and any file meta kept in the dataset
         elem = ds._dict[tag]  # as stored: Dataset.get_item would read a deferred value into memory
         if isinstance(elem, RawDataElement) and elem.value_tell < 0:  # a sequence the engine rebuilt
-            pending.write(_element_header(tag, "SQ", _UNDEFINED, implicit, little) or b"")
+            pending.write(element_header(tag, "SQ", _UNDEFINED, implicit, little) or b"")
             pending.write(elem.value)
             pending.write(struct.pack("<HHI" if little else ">HHI", 0xFFFE, 0xE0DD, 0))
         elif isinstance(elem, RawDataElement) and elem.length != 0xFFFFFFFF:

@@ -17,6 +17,7 @@ from pydicom.charset import convert_encodings, encode_string
 from pydicom.datadict import dictionary_has_tag, dictionary_VR, private_dictionary_VR
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
 from pydicom.tag import BaseTag, Tag
 
@@ -32,6 +33,15 @@ OCTET_STREAM = "data:application/octet-stream;base64,"
 ENCAPSULATED_DOCUMENT = 0x00420011
 MIME_TYPE_OF_ENCAPSULATED_DOCUMENT = 0x00420012
 PIXEL_DATA = 0x7FE00010
+
+
+def value_text(value: Any) -> str:
+    """A decoded value as DICOM text: multiple values joined by backslashes (not a Python list), None empty."""
+    if value is None:
+        return ""
+    if isinstance(value, MultiValue):
+        return "\\".join(str(v) for v in value)
+    return str(value)
 
 
 def tag_name(tag: int) -> str:
