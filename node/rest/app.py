@@ -72,7 +72,7 @@ def create_app(cfg: Config, archive: Archive) -> FastAPI:
 
     @app.exception_handler(RequestError)
     def on_request_error(request: Request, exc: RequestError) -> JSONResponse:
-        return errors.response(request, RestError(400, exc.orthanc_status, exc.orthanc_error, str(exc)))
+        return errors.response(request, errors.from_request_error(exc))
 
     @app.exception_handler(RequestValidationError)
     def on_validation(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -130,9 +130,10 @@ class EditFront:
 
     Why: scripts call ``/instances/{id}/anonymize`` once per instance, and FastAPI's dispatch (five middleware
     layers, included-router matching done twice, dependency solving) cost about as much CPU as anonymizing a CT
-    instance on the fast path. Here the request goes straight to :func:`_edit`, the same function the FastAPI
-    routes call, and errors get the same Orthanc JSON body; the FastAPI routes stay for the OpenAPI document and
-    for any request this front does not take (another method, a path with a trailing slash…).
+    instance on the fast path. Here the request goes straight to :func:`_edit`, and errors get the same Orthanc
+    JSON body. The front takes every POST to these two paths, so the FastAPI routes above describe them in the
+    OpenAPI document (their handlers do what the front does, and run only in an app built without it); requests
+    the front does not take (another method, a trailing slash) get FastAPI's own answers.
     """
 
     def __init__(self, app: ASGIApp, state: Any) -> None:
@@ -162,5 +163,5 @@ class EditFront:
         except RestError as exc:
             response = errors.response(Request(scope), exc)
         except RequestError as exc:
-            response = errors.response(Request(scope), RestError(400, exc.orthanc_status, exc.orthanc_error, str(exc)))
+            response = errors.response(Request(scope), errors.from_request_error(exc))
         await response(scope, receive, send)

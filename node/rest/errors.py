@@ -12,6 +12,8 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
+from node.dicom.errors import RequestError
+
 
 class RestError(Exception):
     """An error with its HTTP status, Orthanc error code and a message that names the problem."""
@@ -22,6 +24,11 @@ class RestError(Exception):
         self.orthanc_status = orthanc_status
         self.orthanc_error = orthanc_error
         self.details = details
+
+
+def from_request_error(exc: RequestError) -> RestError:
+    """A refused request body or value: 400, with the Orthanc status its kind has (BadFileFormat…)."""
+    return RestError(400, exc.orthanc_status, exc.orthanc_error, str(exc))
 
 
 def unknown_resource(what: str) -> RestError:

@@ -27,7 +27,7 @@ from fastapi import APIRouter, Request
 
 from node.dicom.errors import RequestError
 from node.logs import get as get_logger
-from node.rest.errors import RestError, bad_request, unknown_resource
+from node.rest.errors import RestError, bad_request, from_request_error, unknown_resource
 
 log = get_logger("dicom-node.jobs")
 router = APIRouter()
@@ -101,7 +101,7 @@ def _as_rest_error(exc: BaseException) -> RestError:
     if isinstance(exc, RestError):
         return exc
     if isinstance(exc, RequestError):
-        return RestError(400, exc.orthanc_status, exc.orthanc_error, str(exc))
+        return from_request_error(exc)
     if isinstance(exc, JobCancelled):
         return RestError(500, 37, "The job has been canceled", "canceled by a client")  # ErrorCode_CanceledJob
     return RestError(500, 1, "Internal error", f"{type(exc).__name__}: {exc}")
