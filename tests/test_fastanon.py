@@ -261,3 +261,15 @@ def test_values_too_long_for_a_short_header_do_not_crash_it() -> None:
 def test_an_empty_or_non_ascii_sop_class_replacement_is_a_bad_request(value: str) -> None:
     with pytest.raises(RequestError, match="non-empty ASCII"):
         parse_anonymize({"Replace": {"SOPClassUID": value}})
+
+
+def test_a_multi_valued_sop_class_reaches_the_file_meta_as_dicom_text_not_a_python_list() -> None:
+    """Found in review: ``new_file_meta`` wrote ``['1.2.3', '4.5']`` into MediaStorageSOPClassUID."""
+    ds = pydicom.dcmread(io.BytesIO(bench_like_ct()))
+    ds.SOPClassUID = ["1.2.840.10008.5.1.4.1.1.2", "1.2.3"]
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    data = out.getvalue()
+    assert fast(data, {}) is None  # left to the general engine
+    meta = (general(data, {}) or b"")[:300]
+    assert b"1.2.840.10008.5.1.4.1.1.2\\1.2.3" in meta and b"['" not in meta
